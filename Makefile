@@ -1,0 +1,34 @@
+# `make test` and `make lab` both build .venv on first use.
+# The pinned CPU torch goes in first: a bare `torch` requirement with no torch
+# installed would pull several GB of CUDA wheels.
+PYTHON ?= python3
+TORCH  ?= torch==2.13.0
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: test lab install bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	FSDP_NB_COLLATE=1 $(PY) -m pytest tests
+	FSDP_NB_COLLATE=1 $(PY) -m pytest --nbval notebooks --sanitize-with notebooks/sanitize.cfg -p no:cacheprovider
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab notebooks/
+
+bench: $(STAMP)
+	$(PY) benchmarks/session.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
