@@ -1,1 +1,45 @@
-"""fsdp_nb"""
+"""fsdp_nb: learn, inspect and run PyTorch FSDP (FSDP1 and FSDP2) from Jupyter.
+
+In a notebook: `%load_ext fsdp_nb`, then `%fsdp_launch -n 2` and `%%fsdp` cells.
+In plain Python: `Session`, `shard`, `Trainer`, `FSDPConfig`.
+
+Imports are lazy: ranks import `fsdp_nb.worker` at spawn, and should not pay for
+matplotlib, IPython or torch.distributed until they use them.
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "Session": "fsdp_nb.session",
+    "SessionError": "fsdp_nb.session",
+    "State": "fsdp_nb.session",
+    "SessionConfig": "fsdp_nb.session_config",
+    "CellResult": "fsdp_nb.results",
+    "RankError": "fsdp_nb.results",
+    "emit": "fsdp_nb.events",
+}
+
+__all__ = sorted(_LAZY) + ["load_ipython_extension", "unload_ipython_extension"]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fsdp_nb' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def load_ipython_extension(ipython) -> None:
+    """`%load_ext fsdp_nb`: register the %fsdp_* magics."""
+    from fsdp_nb.magics import load
+
+    load(ipython)
+
+
+def unload_ipython_extension(ipython) -> None:
+    from fsdp_nb.magics import unload
+
+    unload(ipython)

@@ -1,0 +1,188 @@
+"""One request fanned out to ranks, and the wait for their answers.
+
+The wait watches, in one `multiprocessing.connection.wait` call:
+- each pending rank's pipe (output, events, Done),
+- each pending rank's process sentinel (it died: report at once),
+- a self-pipe written by our SIGINT handler (the kernel was interrupted).
+
+Deadlines:
+- once one rank has failed, its peers get the process-group timeout plus
+  STUCK_MARGIN_S to come out of whatever collective they wait in;
+- once interrupted, ranks get INTERRUPT_GRACE_S to stop; a second interrupt stops
+  waiting at once.
+Ranks still running after a deadline are "stuck", and the session is broken.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from multiprocessing.connection import wait
+
+from fsdp_nb import protocol as P
+from fsdp_nb.results import CellResult, rank_list
+
+
+def _recv(conn):
+    try:
+        return conn.recv()
+    except (EOFError, OSError):
+        return None
+
+
+class _InterruptRelay:
+    """While a request waits, SIGINT wakes the wait loop instead of raising mid-recv.
+
+    Raising KeyboardInterrupt inside Connection.recv could cut a message in half
+    and desynchronise the pipe, so the handler only counts and writes a byte.
+    """
+
+    _fds: tuple[int, int] | None = None
+
+    def __init__(self):
+        if _InterruptRelay._fds is None:
+            r, w = os.pipe()
+            os.set_blocking(r, False)
+            os.set_blocking(w, False)
+            _InterruptRelay._fds = (r, w)
+        self.fd = _InterruptRelay._fds[0]
+        self.count = 0
+        self._prev = None
+
+    def _handler(self, signum, frame):
+        self.count += 1
+        try:
+            os.write(_InterruptRelay._fds[1], b"!")
+        except BlockingIOError:
+            pass
+
+    def drain(self) -> None:
+        try:
+            while os.read(self.fd, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def __enter__(self):
+        self.drain()
+        if threading.current_thread() is threading.main_thread():
+            self._prev = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._prev is not None:
+            signal.signal(signal.SIGINT, self._prev)
+
+
+class _Exchange:
+    def __init__(self, session, msgs: dict[int, object], out):
+        self.session, self.msgs, self.out = session, msgs, out
+        self.result = CellResult(ranks=sorted(msgs), world_size=session.config.nprocs)
+        self.pending = set(msgs)
+        self.deadline: float | None = None
+        self.id = next(session._ids)
+
+    def run(self) -> CellResult:
+        ranks = self.session._ranks
+        for r, msg in self.msgs.items():
+            msg.id = self.id
+            try:
+                ranks[r].conn.send(msg)
+            except OSError:
+                pass  # the sentinel reports the death below
+        try:
+            with _InterruptRelay() as relay:
+                self._wait(ranks, relay)
+        finally:
+            self.out.finish()
+        self._judge()
+        return self.result
+
+    def _wait(self, ranks, relay: _InterruptRelay) -> None:
+        res, handled_interrupts = self.result, 0
+        while self.pending:
+            by_obj = {}
+            for r in self.pending:
+                by_obj[ranks[r].conn] = r
+                by_obj[ranks[r].proc.sentinel] = r
+            timeout = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+            ready = wait(list(by_obj) + [relay.fd], timeout)
+            if relay.count > handled_interrupts:
+                relay.drain()
+                handled_interrupts = relay.count
+                if res.interrupted:  # a second interrupt: stop waiting now
+                    self.deadline = time.monotonic()
+                else:
+                    res.interrupted = True
+                    self._signal(sorted(self.pending))
+                    self.deadline = time.monotonic() + self.session.INTERRUPT_GRACE_S
+            for obj in ready:
+                r = by_obj.get(obj)
+                if r is None or r not in self.pending:
+                    continue
+                if obj is ranks[r].conn:
+                    self._drain(ranks[r].conn, r)
+                else:  # sentinel: the process is gone; keep what it managed to send
+                    self._drain(ranks[r].conn, r)
+                    ranks[r].proc.join(0.5)
+                    from fsdp_nb.session import _exit_description
+
+                    res.died[r] = _exit_description(ranks[r].proc.exitcode)
+                    self.pending.discard(r)
+            if res.died:
+                break  # peers of a dead rank cannot finish their collectives
+            if self.deadline is not None and time.monotonic() >= self.deadline:
+                break
+        res.stuck = sorted(self.pending)
+
+    def _signal(self, ranks: list[int]) -> None:
+        for r in ranks:
+            proc = self.session._ranks[r].proc
+            if proc.exitcode is None:
+                os.kill(proc.pid, signal.SIGINT)
+
+    def _drain(self, conn, r: int) -> None:
+        while True:
+            try:
+                if not conn.poll():
+                    return
+            except (EOFError, OSError):
+                return
+            msg = _recv(conn)
+            if msg is None:
+                return
+            self._dispatch(r, msg)
+
+    def _dispatch(self, r: int, msg) -> None:
+        kind = type(msg)
+        if kind is P.Stream:
+            self.out.stream(r, msg.name, msg.text)
+        elif kind is P.Display:
+            self.out.display(r, msg.data, msg.metadata)
+        elif kind is P.Event:
+            self._event(r, msg)
+        elif kind is P.Done and msg.id == self.id:
+            self.result.dones[r] = msg
+            self.result.order.append(r)
+            self.pending.discard(r)
+            if msg.error is not None and self.pending and self.deadline is None:
+                self.deadline = time.monotonic() + self.session.config.timeout + self.session.STUCK_MARGIN_S
+
+    def _event(self, r: int, msg: P.Event) -> None:
+        self.result.events.append((r, msg.kind, msg.payload))
+        for handler in list(self.session.event_handlers):
+            try:
+                handler(r, msg.kind, msg.payload)
+            except Exception as e:  # a broken display must not lose the cell
+                print(f"fsdp_nb: event handler {handler!r} failed: {e}", file=sys.stderr)
+
+    def _judge(self) -> None:
+        res = self.result
+        if res.died:
+            res.broken = "; ".join(f"rank {r} {why}" for r, why in sorted(res.died.items()))
+        elif res.stuck:
+            res.broken = f"{rank_list(res.stuck)} did not finish"
+        elif any(e.timeout for _, e in res.errors):
+            res.broken = "a collective timed out, so the ranks are out of step"

@@ -1,0 +1,166 @@
+"""The %fsdp_* magics: thin wrappers that parse flags, call the Session, and render.
+
+Every bad input becomes a one-line UsageError that says what to do; SessionError
+and config ValueErrors are translated here and nowhere else.
+"""
+from __future__ import annotations
+
+import time
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+
+from fsdp_nb.dashboard import Dashboard
+from fsdp_nb.output import show_value
+from fsdp_nb.session import Session, SessionError, State
+
+
+def _ranks_arg(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise UsageError(f"--ranks {text!r} is not valid: give rank numbers separated by commas, e.g. --ranks 0,1")
+
+
+@magics_class
+class FSDPMagics(Magics):
+    """Holds the notebook's one Session; each magic is a few lines over it."""
+
+    def __init__(self, shell):
+        super().__init__(shell)
+        self.session: Session | None = None
+        self.dashboard = Dashboard()
+
+    # ---- lifecycle ----------------------------------------------------------------
+    @magic_arguments()
+    @argument("-n", "--nprocs", type=int, default=2, help="number of ranks (default 2)")
+    @argument("--backend", choices=["gloo", "nccl"], default=None, help="default: gloo on cpu, nccl on cuda")
+    @argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: one GPU per rank")
+    @argument("--timeout", type=float, default=60.0, help="process-group timeout in seconds (default 60)")
+    @argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
+    @line_magic
+    def fsdp_launch(self, line):
+        """Start a persistent session of N ranks: %fsdp_launch -n 2"""
+        args = parse_argstring(self.fsdp_launch, line)
+        if self.session is not None and self.session.state != State.CLOSED:
+            raise UsageError(f"a session is already running ({self.session.config.summary()}); "
+                             "use %fsdp_restart to start it again, or %fsdp_shutdown first")
+        t0 = time.perf_counter()
+        try:
+            session = Session(args.nprocs, backend=args.backend, device=args.device,
+                              timeout=args.timeout, threads=args.threads, start=False)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        session.event_handlers.append(self.dashboard)
+        self.session = session
+        self._guard(session.start)
+        self._summary("ready", time.perf_counter() - t0)
+
+    @line_magic
+    def fsdp_restart(self, line):
+        """Kill the ranks and start fresh ones with the same options."""
+        s = self._session()
+        t0 = time.perf_counter()
+        self._guard(s.restart)
+        self._summary("restarted", time.perf_counter() - t0)
+
+    @line_magic
+    def fsdp_shutdown(self, line):
+        """Stop every rank."""
+        if self.session is None or self.session.state == State.CLOSED:
+            print("fsdp_nb: no session is running")
+            return
+        n = self.session.config.nprocs
+        self.session.close()
+        print(f"fsdp_nb: session shut down ({n} ranks stopped)")
+
+    @line_magic
+    def fsdp_status(self, line):
+        """Ranks, PIDs, state and the running cell."""
+        s = self.session
+        if s is None or s.state == State.CLOSED:
+            print("fsdp_nb: no session is running; start one with %fsdp_launch -n 2")
+            return
+        head = f"fsdp_nb session: {s.config.summary()}, state {s.state.value}"
+        print(head + (f" ({s.broken_reason})" if s.broken_reason else ""))
+        for row in s.status():
+            running = f", running: {row['running']}" if row["running"] else ""
+            print(f"  rank {row['rank']}: pid {row['pid']}, {row['process']}{running}")
+
+    # ---- cells and objects ----------------------------------------------------------
+    @magic_arguments()
+    @argument("--ranks", default=None, help="run on these ranks only, e.g. --ranks 0,2")
+    @argument("--collate", action="store_true", default=None,
+              help="print each rank's output as one block, in rank order, when the cell ends")
+    @argument("-o", "--output", dest="out_name", default=None,
+              help="store each rank's result in this notebook variable, as a list indexed by rank")
+    @cell_magic
+    def fsdp(self, line, cell):
+        """Run the cell on every rank (or --ranks), streaming output with [rank N] prefixes."""
+        args = parse_argstring(self.fsdp, line)
+        s = self._session()
+        self.dashboard.new_cell()
+        result = self._guard(lambda: s.run(cell, ranks=_ranks_arg(args.ranks), collate=args.collate))
+        self.dashboard.finish()
+        for note in result.notes():
+            print(note)
+        values = result.values
+        if args.out_name:
+            self.shell.user_ns[args.out_name] = values
+        elif not cell.rstrip().endswith(";"):
+            for r in result.ranks:
+                if values[r] is not None:
+                    show_value(r, values[r])
+        result.raise_errors()
+
+    @line_magic
+    def fsdp_push(self, line):
+        """Copy notebook variables to every rank: %fsdp_push model_cfg data"""
+        names = line.split()
+        if not names:
+            raise UsageError("name the notebook variables to send, e.g. %fsdp_push x y")
+        missing = [n for n in names if n not in self.shell.user_ns]
+        if missing:
+            raise UsageError(f"{', '.join(missing)} not defined in the notebook; define it before %fsdp_push")
+        s = self._session()
+        self._guard(lambda: s.push({n: self.shell.user_ns[n] for n in names}))
+
+    @line_magic
+    def fsdp_pull(self, line):
+        """A variable from every rank, as a list indexed by rank: x = %fsdp_pull x"""
+        names = line.split()
+        if len(names) != 1:
+            raise UsageError("name one rank variable to fetch, e.g. x = %fsdp_pull x")
+        s = self._session()
+        return self._guard(lambda: s.pull(names[0]))
+
+    # ---- helpers ------------------------------------------------------------------
+    def _session(self) -> Session:
+        if self.session is None or self.session.state == State.CLOSED:
+            raise UsageError("no session is running; start one with %fsdp_launch -n 2")
+        return self.session
+
+    @staticmethod
+    def _guard(fn):
+        try:
+            return fn()
+        except SessionError as e:
+            raise UsageError(str(e)) from None
+
+    def _summary(self, what: str, seconds: float) -> None:
+        s = self.session
+        print(f"fsdp_nb: {s.config.nprocs} ranks {what} (backend {s.config.backend}, device {s.config.device}, "
+              f"torch {s.torch_version}) in {seconds:.1f} s")
+
+
+def load(ipython) -> None:
+    ipython.register_magics(FSDPMagics)
+
+
+def unload(ipython) -> None:
+    magics = ipython.magics_manager.registry.get("FSDPMagics")
+    if magics is not None and magics.session is not None:
+        magics.session.close()

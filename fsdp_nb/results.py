@@ -1,0 +1,103 @@
+"""What a cell returns from the ranks: CellResult, and RankError for failures.
+
+RankError renders like a local traceback in IPython (`_render_traceback_`): each
+distinct remote error once, labelled with the ranks that raised it, the first
+failing rank first; then ranks that died or were stuck, and what to do next.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from fsdp_nb import protocol as P
+
+
+def rank_list(ranks) -> str:
+    ranks = sorted(ranks)
+    return f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ",".join(map(str, ranks))
+
+
+@dataclass
+class CellResult:
+    """One request's outcome on every rank it ran on."""
+
+    ranks: list[int]
+    world_size: int
+    dones: dict[int, P.Done] = field(default_factory=dict)
+    order: list[int] = field(default_factory=list)  # ranks in the order their Done arrived
+    died: dict[int, str] = field(default_factory=dict)  # rank -> "exited with signal 9 (SIGKILL)"
+    stuck: list[int] = field(default_factory=list)  # ranks that never finished
+    interrupted: bool = False
+    events: list[tuple[int, str, dict]] = field(default_factory=list)
+    broken: str | None = None  # why the session can no longer be trusted, if it can't
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and not self.died and not self.stuck
+
+    @property
+    def errors(self) -> list[tuple[int, P.RemoteError]]:
+        """(rank, error) in the order the errors arrived: the first failing rank first."""
+        return [(r, self.dones[r].error) for r in self.order if self.dones[r].error is not None]
+
+    @property
+    def values(self) -> list[Any]:
+        """The cell's last-expression value per rank, indexed by rank (None where absent)."""
+        out: list[Any] = [None] * self.world_size
+        for r, d in self.dones.items():
+            out[r] = P.unpickled(d) if d.value is not None else d.value_repr
+        return out
+
+    def notes(self) -> list[str]:
+        return [f"[rank {r}] note: {self.dones[r].note}" for r in sorted(self.dones) if self.dones[r].note]
+
+    def raise_errors(self) -> "CellResult":
+        if not self.ok:
+            raise RankError(self)
+        return self
+
+
+class RankError(Exception):
+    """Raised in the kernel when a cell failed on one or more ranks."""
+
+    def __init__(self, result: CellResult):
+        self.result = result
+        super().__init__(self.summary())
+
+    def summary(self) -> str:
+        res = self.result
+        parts = []
+        if res.errors:
+            first_rank, first = res.errors[0]
+            parts.append(f"{rank_list([first_rank])} failed first: {first.headline()}")
+        for r, why in sorted(res.died.items()):
+            parts.append(f"rank {r} {why}")
+        stuck = sorted(set(res.stuck) | {r for r, e in res.errors if e.timeout})
+        if stuck:
+            parts.append(f"{rank_list(stuck)} stuck in a collective")
+        return "; ".join(parts) or "cell failed"
+
+    def groups(self) -> list[tuple[list[int], P.RemoteError]]:
+        """Identical errors merged, in order of first arrival."""
+        groups: dict[str, tuple[list[int], P.RemoteError]] = {}
+        for r, e in self.result.errors:
+            groups.setdefault(e.traceback or e.headline(), ([], e))[0].append(r)
+        return list(groups.values())
+
+    def _render_traceback_(self) -> list[str]:
+        lines: list[str] = []
+        for ranks, err in self.groups():
+            lines.append(f"[{rank_list(ranks)}] {err.headline()}")
+            body = err.traceback.rstrip("\n") if err.traceback else err.headline()
+            lines.extend("  " + ln for ln in body.splitlines())
+        res = self.result
+        for r, why in sorted(res.died.items()):
+            lines.append(f"[rank {r}] {why}")
+        if res.stuck:
+            lines.append(f"{rank_list(res.stuck)} did not finish (stuck in a collective or ignoring the interrupt)")
+        if res.broken:
+            lines.append(f"The session is broken ({res.broken}). Run %fsdp_restart (or session.restart()).")
+        return lines
+
+    def __str__(self) -> str:
+        return self.summary()

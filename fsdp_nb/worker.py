@@ -1,0 +1,216 @@
+"""The rank side of a session: one spawned process per rank.
+
+`main` is the spawn target, so it must live in an importable module. It joins the
+process group, then loops: receive a request, run it in the rank's persistent
+namespace, stream output and events back, finish with one Done.
+
+Lifetime rules (see DESIGN.md, "Signals"):
+- The rank sits in its own process group, so a Ctrl-C or a kernel interrupt aimed at
+  the kernel's group never reaches it directly; the kernel relays interrupts, and a
+  SIGINT only raises KeyboardInterrupt while user code runs.
+- A watchdog thread exits the rank within 0.2 s of the kernel dying (SIGKILL included);
+  a closed pipe (EOF) does the same when the rank is idle. No orphans.
+- Exit is barrier -> destroy_process_group -> os._exit, which keeps gloo from
+  aborting at interpreter teardown.
+"""
+from __future__ import annotations
+
+import builtins
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+import types
+
+from fsdp_nb import events, protocol as P
+from fsdp_nb.rank_io import RankStream, mime_bundle, run_source, format_error
+
+WATCHDOG_PERIOD_S = 0.2
+
+
+class _Rank:
+    """Per-process state: the pipe, the namespace and the id of the request in flight."""
+
+    def __init__(self, rank: int, world_size: int, conn):
+        self.rank, self.world_size, self.conn = rank, world_size, conn
+        self.request_id = 0
+        self.executing = False  # SIGINT raises KeyboardInterrupt only while True
+        self._lock = threading.Lock()
+        self.ns: dict = {}
+
+    def send(self, msg) -> None:
+        with self._lock:  # user threads may print while the main thread sends Done
+            self.conn.send(msg)
+
+    # ---- rank-side conveniences bound into the namespace -------------------------
+    def display(self, *objs, **_ignored) -> None:
+        """Show objects in the notebook, marked with this rank (like IPython's display)."""
+        sys.stdout.flush()
+        for obj in objs:
+            data, metadata = mime_bundle(obj)
+            self.send(P.Display(self.request_id, self.rank, data, metadata))
+
+    def emit(self, kind: str, payload: dict) -> None:
+        self.send(P.Event(self.request_id, self.rank, kind, payload))
+
+
+def _watch_parent(parent_pid: int) -> None:
+    # Polling getppid survives every way the kernel can die, SIGKILL included,
+    # and does not depend on which kernel thread created the session.
+    while True:
+        time.sleep(WATCHDOG_PERIOD_S)
+        if os.getppid() != parent_pid:
+            os._exit(70)
+
+
+def _init_process_group(rank: int, world_size: int, opts: dict):
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(opts["threads"])
+    if opts["device"] == "cuda":
+        if torch.cuda.device_count() <= rank:
+            raise RuntimeError(f"rank {rank} needs GPU {rank} but only {torch.cuda.device_count()} are visible")
+        torch.cuda.set_device(rank)
+        device = torch.device("cuda", rank)
+    else:
+        device = torch.device("cpu")
+    # The kernel holds the store's server socket, so the port cannot be taken by
+    # another session between choosing it and using it.
+    store = dist.TCPStore(opts["host"], opts["port"], is_master=False,
+                          timeout=datetime.timedelta(seconds=opts["timeout"]))
+    dist.init_process_group(opts["backend"], store=store, rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=opts["timeout"]))
+    return torch, dist, device
+
+
+def _namespace(state: _Rank, torch, dist, device) -> dict:
+    main_mod = types.ModuleType("__main__")  # cell-defined classes pickle as __main__.X
+    sys.modules["__main__"] = main_mod
+    ns = main_mod.__dict__
+    ns.update(__builtins__=builtins, rank=state.rank, world_size=state.world_size,
+              device=device, torch=torch, dist=dist, display=state.display)
+    return ns
+
+
+def main(rank: int, world_size: int, conn, opts: dict) -> None:
+    """Spawn target: run rank `rank` of `world_size` until Shutdown or the kernel goes away."""
+    os.setpgrp()  # out of the kernel's process group: interrupts come only via the kernel
+    os.environ.update(OMP_NUM_THREADS=str(opts["threads"]), MPLBACKEND="module://fsdp_nb.rank_mpl",
+                      RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR=opts["host"], MASTER_PORT=str(opts["port"]))
+    threading.Thread(target=_watch_parent, args=(opts["parent_pid"],), daemon=True).start()
+    state = _Rank(rank, world_size, conn)
+
+    def on_sigint(signum, frame):
+        if state.executing:
+            raise KeyboardInterrupt
+    signal.signal(signal.SIGINT, on_sigint)
+
+    try:
+        torch, dist, device = _init_process_group(rank, world_size, opts)
+    except BaseException as e:  # report, then exit: the kernel turns this into one line
+        conn.send(P.StartFailed(rank, f"{type(e).__name__}: {e}"))
+        os._exit(1)
+    state.ns = _namespace(state, torch, dist, device)
+    _current_rank.append(state)
+    sys.stdout = RankStream("stdout", state)
+    sys.stderr = RankStream("stderr", state)
+    events.set_sink(state.emit)
+    conn.send(P.Ready(rank, os.getpid(), torch.__version__, opts["backend"], str(device)))
+    _loop(state, dist)
+
+
+def _loop(state: _Rank, dist) -> None:
+    handlers = {P.Execute: _execute, P.Push: _push, P.Pull: _pull}
+    while True:
+        try:
+            msg = state.conn.recv()
+        except (EOFError, OSError):  # the kernel closed the pipe or died
+            os._exit(0)
+        if isinstance(msg, P.Shutdown):
+            _shutdown(state, dist, msg)
+        state.request_id = msg.id
+        t0 = time.perf_counter()
+        done = handlers[type(msg)](state, msg)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        done.elapsed = time.perf_counter() - t0
+        state.send(done)
+
+
+def _execute(state: _Rank, msg: P.Execute) -> P.Done:
+    done = P.Done(msg.id, state.rank)
+    try:
+        state.executing = True
+        try:
+            value = run_source(msg.source, f"<cell {msg.cell}>", state.ns)
+            _show_open_figures()
+        finally:
+            state.executing = False
+    except BaseException as e:  # KeyboardInterrupt and SystemExit too: the rank lives on
+        done.error = format_error(e)
+        return done
+    if msg.want_result and value is not None:
+        _attach_value(done, value)
+    return done
+
+
+def _attach_value(done: P.Done, value) -> None:
+    try:
+        done.value = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as e:
+        done.value_repr = repr(value)
+        done.note = f"result is not picklable ({type(e).__name__}: {e}); showing its repr"
+
+
+def _show_open_figures() -> None:
+    # Like the inline backend: figures left open by a cell are shown when it ends.
+    plt = sys.modules.get("matplotlib.pyplot")
+    if plt is not None and plt.get_fignums():
+        plt.show()
+
+
+def _push(state: _Rank, msg: P.Push) -> P.Done:
+    done = P.Done(msg.id, state.rank)
+    try:
+        state.ns.update(pickle.loads(msg.payload))
+    except BaseException as e:
+        done.error = format_error(e)
+    return done
+
+
+def _pull(state: _Rank, msg: P.Pull) -> P.Done:
+    done = P.Done(msg.id, state.rank)
+    if msg.name not in state.ns:
+        done.error = P.RemoteError("NameError", f"name {msg.name!r} is not defined on rank {state.rank}", "")
+        return done
+    _attach_value(done, state.ns[msg.name])
+    return done
+
+
+def _shutdown(state: _Rank, dist, msg: P.Shutdown) -> None:
+    try:
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        try:
+            state.send(P.Done(msg.id, state.rank))
+        finally:
+            os._exit(0)
+
+
+_current_rank: list[_Rank] = []  # the one _Rank of this process, for rank_mpl.show()
+
+
+def display(*objs) -> None:
+    """Module-level display for code that imports it (e.g. the matplotlib backend)."""
+    if _current_rank:
+        _current_rank[0].display(*objs)
