@@ -22,7 +22,7 @@ install: $(STAMP)
 
 test: $(STAMP)
 	FSDP_NB_COLLATE=1 $(PY) -m pytest tests
-	FSDP_NB_COLLATE=1 $(PY) -m pytest --nbval notebooks --sanitize-with notebooks/sanitize.cfg -p no:cacheprovider
+	FSDP_NB_COLLATE=1 $(PY) -m pytest --nbval notebooks --nbval-sanitize-with notebooks/sanitize.cfg -p no:cacheprovider
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/

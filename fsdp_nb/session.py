@@ -52,7 +52,7 @@ class SessionError(RuntimeError):
 
 def _exit_description(code: int | None) -> str:
     if code is None:
-        return "is running"
+        return "alive"
     if code < 0:
         try:
             return f"exited with signal {-code} ({signal.Signals(-code).name})"
@@ -220,7 +220,8 @@ class Session:
         running = None
         if self.running:
             src, t0 = self.running
-            running = f"{src.strip().splitlines()[0] if src.strip() else ''} ({time.monotonic() - t0:.1f} s)"
+            lines = src.strip().splitlines() or [""]
+            running = f"{lines[0]}{' ...' if len(lines) > 1 else ''} ({time.monotonic() - t0:.1f} s)"
         return [dict(rank=rk.rank, pid=rk.pid, alive=rk.proc.exitcode is None,
                      process=_exit_description(rk.proc.exitcode), state=self.state.value, running=running)
                 for rk in self._ranks]

@@ -49,7 +49,7 @@ class SessionConfig:
             raise ValueError(f"threads={t!r} is not valid: give a whole number >= 1, e.g. --threads 1")
         if backend == "nccl" or self.device == "cuda":
             gpus = _cuda_count()
-            what = "--backend nccl" if backend == "nccl" else "--device cuda"
+            what = "--device cuda" if self.device == "cuda" else "--backend nccl"
             if gpus == 0:
                 raise ValueError(f"{what} needs CUDA, but no GPU is visible here: use --device cpu (gloo)")
             if backend == "nccl" and self.device != "cuda":

@@ -1,0 +1,276 @@
+"""Session behaviour on the shared real 2-rank gloo session."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from fsdp_nb import RankError, Session, SessionError
+from fsdp_nb.session import State
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_namespace_has_rank_world_device_torch_dist(session):
+    vals = session.eval("(rank, world_size, str(device), torch.__name__, dist.is_initialized(), dist.get_backend())")
+    assert vals == [(0, 2, "cpu", "torch", True, "gloo"), (1, 2, "cpu", "torch", True, "gloo")]
+
+
+def test_namespace_persists_between_cells(session):
+    session.run("acc = rank * 100").raise_errors()
+    session.run("acc += 1").raise_errors()
+    assert session.eval("acc") == [1, 101]
+
+
+def test_one_thread_per_rank(session):
+    assert session.eval("(torch.get_num_threads(), __import__('os').environ['OMP_NUM_THREADS'])") == [(1, "1")] * 2
+
+
+def test_collectives_work(session):
+    assert session.eval("(lambda t: (dist.all_reduce(t), t.item())[1])(torch.tensor([rank + 1.0]))") == [3.0, 3.0]
+
+
+def test_ranks_subset(session, recorder):
+    res = session.run("print('only', rank)\nrank", ranks=[1], output=recorder)
+    assert res.values == [None, 1]
+    assert recorder.text(0) == "" and recorder.text(1) == "only 1\n"
+
+
+def test_bad_ranks_subset(session):
+    with pytest.raises(SessionError, match="between 0 and 1"):
+        session.run("1", ranks=[5])
+
+
+def test_output_streams_live(session, recorder):
+    t0 = time.perf_counter()
+    session.run("import time\nprint('early', flush=True)\ntime.sleep(1.0)\nprint('late')", output=recorder)
+    early = [t for t, r, n, text in recorder.items if "early" in text]
+    assert len(early) == 2 and max(early) - t0 < 0.8, "first line should arrive before the cell ends"
+
+
+def test_collated_output_is_in_rank_order(session, capsys):
+    session.run("import time\ntime.sleep(0.3 * (1 - rank))\nprint('line a')\nprint('line b')", collate=True)
+    out = capsys.readouterr().out
+    assert out == "[rank 0] line a\n[rank 0] line b\n[rank 1] line a\n[rank 1] line b\n"
+
+
+def test_live_output_is_prefixed(session, capsys):
+    session.run("print(f'hi {rank}')", collate=False)
+    lines = sorted(capsys.readouterr().out.splitlines())
+    assert lines == ["[rank 0] hi 0", "[rank 1] hi 1"]
+
+
+def test_stderr_is_forwarded(session, recorder):
+    session.run("import sys\nprint('warn', rank, file=sys.stderr)", output=recorder)
+    assert recorder.text(1, "stderr") == "warn 1\n"
+
+
+def test_exception_has_remote_traceback_and_next_cell_works(session):
+    res = session.run("def f():\n    raise ValueError(f'bad {rank}')\nf()")
+    assert not res.ok and [r for r, _ in res.errors] and {r for r, _ in res.errors} == {0, 1}
+    err = res.errors[0][1]
+    assert err.type == "ValueError" and 'File "<cell' in err.traceback and "in f" in err.traceback
+    assert "worker.py" not in err.traceback
+    assert session.state == State.READY
+    assert session.eval("rank") == [0, 1]
+
+
+def test_errors_grouped_first_failing_rank_first(session):
+    res = session.run("import time\nif rank == 0: time.sleep(0.3)\nraise KeyError('same')")
+    assert [r for r, _ in res.errors] == [1, 0]
+    err = RankError(res)
+    groups = err.groups()
+    assert len(groups) == 1 and groups[0][0] == [1, 0]
+    lines = err._render_traceback_()
+    assert lines[0] == "[ranks 0,1] KeyError: 'same'"
+    assert str(err).startswith("rank 1 failed first: KeyError")
+
+
+def test_different_errors_shown_separately(session):
+    res = session.run("import time\nif rank == 0:\n    time.sleep(0.2)\n    raise TypeError('t')\nraise ValueError('v')")
+    lines = RankError(res)._render_traceback_()
+    heads = [ln for ln in lines if ln.startswith("[rank")]
+    assert heads == ["[rank 1] ValueError: v", "[rank 0] TypeError: t"]
+
+
+def test_syntax_error_is_reported(session):
+    res = session.run("def (")
+    assert {e.type for _, e in res.errors} == {"SyntaxError"} and session.state == State.READY
+
+
+def test_push_pull_roundtrip(session):
+    import torch
+
+    session.push(w=torch.arange(4.0), cfg={"a": 1})
+    assert session.eval("(w * (rank + 1)).tolist()") == [[0, 1, 2, 3], [0, 2, 4, 6]]
+    session.run("z = {'rank': rank}")
+    assert session.pull("z") == [{"rank": 0}, {"rank": 1}]
+
+
+def test_pull_missing_name(session):
+    session.run("if rank == 0: only_zero = 1")
+    with pytest.raises(SessionError, match=r"rank 1 has no variable 'only_zero'"):
+        session.pull("only_zero")
+
+
+def test_push_unpicklable(session):
+    import threading
+
+    with pytest.raises(SessionError, match="cannot send lock"):
+        session.push(lock=threading.Lock())
+    assert session.state == State.READY
+
+
+def test_unpicklable_result_falls_back_to_repr(session):
+    res = session.run("import threading\nlk = threading.Lock()\nlk")
+    assert res.ok and all(v.startswith("<unlocked _thread.lock") for v in res.values)
+    assert "not picklable" in res.notes()[0] and "repr" in res.notes()[0]
+
+
+def test_trailing_semicolon_suppresses_result(session):
+    assert session.run("1 + 1;").values == [None, None]
+
+
+def test_display_and_plt_show_reach_the_kernel(session, recorder):
+    session.run("import matplotlib.pyplot as plt\nplt.plot([0, rank])\nplt.show()\n"
+                "display({'text/plain': f'custom {rank}'})", output=recorder)
+    shown = [(r, d) for _, r, n, d in recorder.items if n == "display"]
+    assert sorted(r for r, d in shown if "image/png" in d) == [0, 1]
+    assert sorted(d["text/plain"] for r, d in shown if "image/png" not in d) == ["custom 0", "custom 1"]
+
+
+def test_events_are_collected_and_handled(session):
+    seen = []
+    session.event_handlers.append(lambda r, k, p: seen.append((r, k, p)))
+    try:
+        res = session.run("from fsdp_nb import events\nfor i in range(3):\n"
+                          "    events.emit('metrics', step=i, loss=1.0 / (i + 1))\nevents.in_session()")
+    finally:
+        session.event_handlers.pop()
+    assert res.values == [True, True]
+    assert [p["step"] for r, k, p in seen if r == 0] == [0, 1, 2]
+    assert len(res.events) == 6 and all(k == "metrics" for _, k, _ in res.events)
+
+
+def test_status_lists_ranks(session):
+    rows = session.status()
+    assert [r["rank"] for r in rows] == [0, 1] and all(r["alive"] for r in rows)
+    assert [r["pid"] for r in rows] == session.pids
+
+
+def test_busy_session_refuses_a_second_request(session):
+    import threading
+
+    t = threading.Thread(target=session.run, args=("import time\ntime.sleep(1)",), kwargs={"output": None})
+    t.start()
+    time.sleep(0.3)
+    assert session.state == State.BUSY and session.status()[0]["running"].startswith("import time ...")
+    with pytest.raises(SessionError, match="busy"):
+        session.eval("1")
+    t.join()
+    assert session.state == State.READY
+
+
+def test_interrupt_from_another_thread(session):
+    import threading
+
+    threading.Timer(0.5, session.interrupt).start()
+    t0 = time.perf_counter()
+    res = session.run("import time\ntime.sleep(600)")
+    assert time.perf_counter() - t0 < 2.5
+    assert {e.type for _, e in res.errors} == {"KeyboardInterrupt"}
+    assert session.eval("rank") == [0, 1]
+
+
+def test_interrupt_of_the_waiting_thread_is_relayed(session):
+    """A SIGINT to the kernel (what Jupyter's interrupt sends) becomes KeyboardInterrupt on the ranks."""
+    import os
+    import signal
+    import threading
+
+    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+    t0 = time.perf_counter()
+    res = session.run("while True:\n    pass")
+    assert time.perf_counter() - t0 < 2.5 and res.interrupted
+    assert {e.type for _, e in res.errors} == {"KeyboardInterrupt"}
+    assert session.state == State.READY and session.eval("1") == [1, 1]
+
+
+@pytest.mark.parametrize("code, why", [
+    ("import os, signal\nif rank == 1: os.kill(os.getpid(), signal.SIGKILL)", "rank 1 exited with signal 9 (SIGKILL)"),
+    ("import os\nif rank == 1: os._exit(3)", "rank 1 exited with code 3"),
+    ("import ctypes\nif rank == 1: ctypes.string_at(0)", "rank 1 exited with signal 11 (SIGSEGV)"),
+])
+def test_dead_rank_is_reported_fast(session, code, why):
+    t0 = time.perf_counter()
+    res = session.run(code + "\nimport time\ntime.sleep(0.5)\ndist.barrier()")
+    assert time.perf_counter() - t0 < 1.0
+    assert RankError(res).summary().startswith(why)
+    assert session.state == State.BROKEN and why in session.broken_reason
+    with pytest.raises(SessionError, match="restart"):
+        session.run("1")
+
+
+def test_rank_dying_while_idle_is_noticed(session):
+    import os
+    import signal
+
+    os.kill(session.pids[1], signal.SIGKILL)
+    time.sleep(0.2)
+    with pytest.raises(SessionError, match=r"rank 1 exited with signal 9 \(SIGKILL\).*%fsdp_restart"):
+        session.eval("1")
+
+
+def test_restart_gives_fresh_ranks(session):
+    session.run("leftover = 1")
+    old = session.pids
+    session.restart()
+    assert set(session.pids).isdisjoint(old)
+    assert session.run("leftover").errors[0][1].type == "NameError"
+
+
+def test_hung_collective_returns_within_timeout():
+    """Rank 1 raises while rank 0 waits in a barrier: back within pg timeout + 5 s, then restart works."""
+    with Session(2, timeout=3) as s:
+        t0 = time.perf_counter()
+        res = s.run("if rank == 1:\n    raise ValueError('rank one fails')\ndist.barrier()")
+        took = time.perf_counter() - t0
+        assert took < 3 + 5, took
+        err = RankError(res)
+        assert err.summary() == "rank 1 failed first: ValueError: rank one fails; rank 0 stuck in a collective"
+        assert "%fsdp_restart" in "\n".join(err._render_traceback_())
+        assert s.state == State.BROKEN
+        s.restart()
+        assert s.eval("(lambda t: (dist.all_reduce(t), t.item())[1])(torch.ones(1))") == [2.0, 2.0]
+        procs = [rk.proc for rk in s._ranks]
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+
+
+def test_session_as_context_manager_leaves_no_process():
+    with Session(1) as s:
+        assert s.eval("world_size") == [1]
+        procs = [rk.proc for rk in s._ranks]
+    assert s.state == State.CLOSED and all(p.exitcode == 0 for p in procs)
+    with pytest.raises(SessionError, match="%fsdp_launch"):
+        s.eval("1")
+
+
+def test_clean_exit_after_autograd_work(tmp_path):
+    """Ranks that did autograd and collectives exit 0, with no abort noise on stderr."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    script.write_text(
+        "from fsdp_nb import Session\n"
+        "s = Session(2, timeout=20)\n"
+        "s.run('m = torch.nn.Linear(8, 8)\\nfor _ in range(3):\\n    loss = m(torch.randn(4, 8)).sum()\\n"
+        "    loss.backward()\\n    [dist.all_reduce(p.grad) for p in m.parameters()]').raise_errors()\n"
+        "procs = [rk.proc for rk in s._ranks]\n"
+        "s.close()\n"
+        "print('exitcodes', [p.exitcode for p in procs])\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "exitcodes [0, 0]" in out.stdout
+    for noise in ("terminate called", "Abort", "SIGABRT", "Traceback"):
+        assert noise not in out.stderr, out.stderr
