@@ -137,6 +137,25 @@ class FSDPMagics(Magics):
         s = self._session()
         return self._guard(lambda: s.pull(names[0]))
 
+    @line_magic
+    def fsdp_export(self, line):
+        """Write the cells run so far as a torchrun script: %fsdp_export train.py"""
+        names = line.split()
+        if len(names) != 1:
+            raise UsageError("name the script to write, e.g. %fsdp_export train.py")
+        s = self._session()
+        text, warnings = s.export()
+        try:
+            with open(names[0], "w") as f:
+                f.write(text)
+        except OSError as e:
+            raise UsageError(f"cannot write {names[0]}: {e.strerror}") from None
+        cells = sum(step.source is not None for step in s.history)
+        print(f"fsdp_nb: wrote {names[0]} ({cells} cells); run it with: "
+              f"torchrun --standalone --nproc-per-node {s.config.nprocs} {names[0]}")
+        for w in warnings:
+            print(f"warning: {w}")
+
     # ---- helpers ------------------------------------------------------------------
     def _session(self) -> Session:
         if self.session is None or self.session.state == State.CLOSED:

@@ -28,6 +28,7 @@ import weakref
 from multiprocessing.connection import wait
 
 from fsdp_nb import protocol as P
+from fsdp_nb.export import Step, script
 from fsdp_nb.output import Silent, printer
 from fsdp_nb.results import CellResult, RankError, rank_list
 from fsdp_nb.session_config import SessionConfig
@@ -85,7 +86,7 @@ class Session:
         self.state = State.CLOSED
         self.broken_reason: str | None = None
         self.torch_version = ""
-        self.history: list[tuple[str, list[int] | None]] = []  # cells that succeeded
+        self.history: list[Step] = []  # cells that succeeded, and pushes: what export() writes
         self.event_handlers: list = []  # callables (rank, kind, payload)
         self.running: tuple[str, float] | None = None  # (source, start time) of the cell in flight
         self._ranks: list[_Rank] = []
@@ -228,7 +229,7 @@ class Session:
 
     # ---- requests -----------------------------------------------------------------
     def run(self, source: str, *, ranks: list[int] | None = None, collate: bool | None = None,
-            output=None, want_result: bool = True) -> CellResult:
+            output=None, want_result: bool = True, record: bool = True) -> CellResult:
         """Run `source` on every rank (or on `ranks`) and return the CellResult.
 
         Output streams as it arrives (or collated at the end). Errors do not raise
@@ -238,13 +239,13 @@ class Session:
         cell = next(self._cells)
         result = self._request({r: P.Execute(0, source, cell, want_result) for r in targets},
                                output if output is not None else printer(collate), source)
-        if result.ok:
-            self.history.append((source, ranks))
+        if result.ok and record:
+            self.history.append(Step(source=source, ranks=tuple(targets) if ranks is not None else None))
         return result
 
     def eval(self, expr: str, *, ranks: list[int] | None = None) -> list:
         """The value of `expr` on each rank, as a list indexed by rank. Raises RankError on failure."""
-        return self.run(expr, ranks=ranks, output=Silent()).raise_errors().values
+        return self.run(expr, ranks=ranks, output=Silent(), record=False).raise_errors().values
 
     def push(self, values: dict | None = None, /, **named) -> None:
         """Bind names on every rank to copies of the given objects (they must pickle)."""
@@ -257,6 +258,13 @@ class Session:
                                f"{type(e).__name__}: {e}; send data (tensors, numbers, state dicts) "
                                f"and rebuild objects on the ranks") from None
         self._request({r: P.Push(0, payload) for r in self._targets(None)}, Silent(), None).raise_errors()
+        self.history.append(Step(pushed=values))
+
+    def export(self) -> tuple[str, list[str]]:
+        """This session's successful cells and pushes as a torchrun script, plus warnings."""
+        c = self.config
+        return script(self.history, nprocs=c.nprocs, device=c.device, backend=c.backend,
+                      timeout=c.timeout, threads=c.threads)
 
     def pull(self, name: str, *, ranks: list[int] | None = None) -> list:
         """The value bound to `name` on each rank, as a list indexed by rank."""
