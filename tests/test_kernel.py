@@ -161,8 +161,17 @@ def test_two_kernels_at_once_and_sigkill_leaves_no_orphans(kernel):
 def test_kernel_restart_and_shutdown_leave_no_orphans(how):
     k = Kernel()
     try:
-        content, out, _ = k.run("%load_ext fsdp_nb\n%fsdp_launch -n 2")
+        content, out, _ = k.run("%load_ext fsdp_nb\n%fsdp_launch -n 2 --timeout 3")
         assert content["status"] == "ok", out
+        if how == "shutdown":  # and on the way: a hung collective in a real kernel
+            t0 = time.monotonic()
+            content, out, errors = k.run("%%fsdp\nif rank == 1:\n    raise ValueError('r1')\ndist.barrier()")
+            assert time.monotonic() - t0 < 3 + 5
+            assert errors[0]["evalue"] == "rank 1 failed first: ValueError: r1; rank 0 stuck in a collective"
+            assert "Run %fsdp_restart" in out
+            assert k.run("%fsdp_restart")[0]["status"] == "ok"
+            content, out, _ = k.run("%%fsdp\n(lambda t: (dist.all_reduce(t), t.item())[1])(torch.ones(1))")
+            assert content["status"] == "ok" and "Out[rank 1]: 2.0" in out, out
         pids = k.pids()
         if how == "restart":
             k.km.restart_kernel(now=False)
