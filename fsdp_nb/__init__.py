@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "Session": "fsdp_nb.session",
-    "SessionError": "fsdp_nb.session",
+    "SessionError": "fsdp_nb.launcher",
     "State": "fsdp_nb.session",
     "SessionConfig": "fsdp_nb.session_config",
     "CellResult": "fsdp_nb.results",

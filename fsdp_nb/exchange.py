@@ -22,14 +22,8 @@ import time
 from multiprocessing.connection import wait
 
 from fsdp_nb import protocol as P
+from fsdp_nb.launcher import exit_description, recv
 from fsdp_nb.results import CellResult, rank_list
-
-
-def _recv(conn):
-    try:
-        return conn.recv()
-    except (EOFError, OSError):
-        return None
 
 
 class _InterruptRelay:
@@ -76,7 +70,7 @@ class _InterruptRelay:
             signal.signal(signal.SIGINT, self._prev)
 
 
-class _Exchange:
+class Exchange:
     def __init__(self, session, msgs: dict[int, object], out):
         self.session, self.msgs, self.out = session, msgs, out
         self.result = CellResult(ranks=sorted(msgs), world_size=session.config.nprocs)
@@ -127,9 +121,7 @@ class _Exchange:
                 else:  # sentinel: the process is gone; keep what it managed to send
                     self._drain(ranks[r].conn, r)
                     ranks[r].proc.join(0.5)
-                    from fsdp_nb.session import _exit_description
-
-                    res.died[r] = _exit_description(ranks[r].proc.exitcode)
+                    res.died[r] = exit_description(ranks[r].proc.exitcode)
                     self.pending.discard(r)
             if res.died:
                 break  # peers of a dead rank cannot finish their collectives
@@ -150,7 +142,7 @@ class _Exchange:
                     return
             except (EOFError, OSError):
                 return
-            msg = _recv(conn)
+            msg = recv(conn)
             if msg is None:
                 return
             self._dispatch(r, msg)

@@ -12,31 +12,24 @@ kernel interrupt is relayed to the ranks as KeyboardInterrupt.
 """
 from __future__ import annotations
 
-import atexit
-import contextlib
 import enum
 import itertools
-import multiprocessing as mp
 import os
 import pickle
 import signal
-import sys
 import threading
 import time
-import types
-import weakref
-from multiprocessing.connection import wait
 
 from fsdp_nb import protocol as P
+from fsdp_nb.exchange import Exchange
 from fsdp_nb.export import Step, script
 from fsdp_nb.output import Silent, printer
-from fsdp_nb.results import CellResult, RankError, rank_list
+from fsdp_nb.results import CellResult, rank_list
+from fsdp_nb.launcher import RankGroup, SessionError, exit_description
 from fsdp_nb.session_config import SessionConfig
-from fsdp_nb.worker import main as worker_main
 
 INTERRUPT_GRACE_S = 2.0  # ranks get this long to stop after an interrupt
 STUCK_MARGIN_S = 5.0  # after a rank fails, its peers get pg timeout + this to finish
-CLOSE_GRACE_S = 5.0
 
 
 class State(enum.Enum):
@@ -45,28 +38,6 @@ class State(enum.Enum):
     BUSY = "busy"
     BROKEN = "broken"
     CLOSED = "closed"
-
-
-class SessionError(RuntimeError):
-    """An operation that the session's state does not allow; the message says what to do."""
-
-
-def _exit_description(code: int | None) -> str:
-    if code is None:
-        return "alive"
-    if code < 0:
-        try:
-            return f"exited with signal {-code} ({signal.Signals(-code).name})"
-        except ValueError:
-            return f"exited with signal {-code}"
-    return f"exited with code {code}"
-
-
-class _Rank:
-    __slots__ = ("rank", "proc", "conn", "pid")
-
-    def __init__(self, rank, proc, conn):
-        self.rank, self.proc, self.conn, self.pid = rank, proc, conn, proc.pid
 
 
 class Session:
@@ -89,73 +60,34 @@ class Session:
         self.history: list[Step] = []  # cells that succeeded, and pushes: what export() writes
         self.event_handlers: list = []  # callables (rank, kind, payload)
         self.running: tuple[str, float] | None = None  # (source, start time) of the cell in flight
-        self._ranks: list[_Rank] = []
+        self._group: RankGroup | None = None
         self._ids = itertools.count(1)
         self._cells = itertools.count(1)
         self._lock = threading.Lock()
-        self._store = None
-        _live.add(self)
         if start:
             self.start()
 
     # ---- lifecycle ----------------------------------------------------------------
     def start(self) -> "Session":
-        if self.state not in (State.CLOSED,):
+        """Spawn the ranks and wait until every one has joined the process group."""
+        if self.state != State.CLOSED:
             raise SessionError(f"the session is {self.state.value}; use restart() to start it again")
-        import torch.distributed as dist  # the kernel hosts the rendezvous store
-
-        cfg = self.config
         self.state, self.broken_reason = State.STARTING, None
-        self._store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-        opts = dict(host="127.0.0.1", port=self._store.port, backend=cfg.backend, device=cfg.device,
-                    timeout=cfg.timeout, threads=cfg.threads, parent_pid=os.getpid())
-        ctx = mp.get_context("spawn")
-        # Spawned children inherit the environment at start: one thread each.
-        with _spawn_environment(cfg.threads):
-            for r in range(cfg.nprocs):
-                parent_end, child_end = ctx.Pipe(duplex=True)
-                proc = ctx.Process(target=worker_main, args=(r, cfg.nprocs, child_end, opts),
-                                   name=f"fsdp_nb-rank{r}")
-                proc.start()
-                child_end.close()
-                self._ranks.append(_Rank(r, proc, parent_end))
-        self._wait_ready(deadline=time.monotonic() + cfg.timeout + 60)
+        try:
+            self._group = RankGroup.spawn(self.config)
+        except SessionError:
+            self.state = State.CLOSED
+            raise
+        self.torch_version = self._group.torch_version
         self.state = State.READY
         return self
-
-    def _wait_ready(self, deadline: float) -> None:
-        waiting = {rk.conn: rk for rk in self._ranks}
-        sentinels = {rk.proc.sentinel: rk for rk in self._ranks}
-        problem = None
-        while waiting and problem is None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                problem = f"{rank_list(r.rank for r in waiting.values())} did not join the process group in time"
-                break
-            for obj in wait(list(waiting) + list(sentinels), timeout=left):
-                rk = waiting.pop(obj, None)
-                if rk is not None:
-                    msg = _recv(rk.conn)
-                    if isinstance(msg, P.Ready):
-                        self.torch_version = msg.torch_version
-                        continue
-                    problem = f"rank {rk.rank} could not start: {msg.error if msg else 'pipe closed'}"
-                elif obj in sentinels and sentinels[obj].conn in waiting:
-                    rk = sentinels[obj]
-                    rk.proc.join(0.5)
-                    problem = f"rank {rk.rank} {_exit_description(rk.proc.exitcode)} while starting"
-        if problem:
-            self._kill()
-            self.state = State.CLOSED
-            raise SessionError(problem)
 
     def close(self) -> None:
         """Stop every rank: a clean process-group exit when possible, SIGKILL otherwise."""
         if self.state == State.CLOSED:
             return
-        if self.state == State.READY:
-            self._graceful_shutdown()
-        self._kill()
+        if self._group is not None:
+            self._group.stop(graceful=self.state == State.READY)
         self.state = State.CLOSED
 
     def restart(self) -> "Session":
@@ -163,26 +95,6 @@ class Session:
         self.close()
         self.history.clear()
         return self.start()
-
-    def _graceful_shutdown(self) -> None:
-        for rk in self._ranks:
-            try:
-                rk.conn.send(P.Shutdown())
-            except OSError:
-                pass
-        deadline = time.monotonic() + CLOSE_GRACE_S
-        for rk in self._ranks:
-            rk.proc.join(max(0.0, deadline - time.monotonic()))
-
-    def _kill(self) -> None:
-        for rk in self._ranks:
-            if rk.proc.exitcode is None:
-                rk.proc.kill()
-        for rk in self._ranks:
-            rk.proc.join(5)
-            rk.conn.close()
-        self._ranks = []
-        self._store = None
 
     def __enter__(self) -> "Session":
         return self
@@ -195,6 +107,10 @@ class Session:
 
     # ---- state --------------------------------------------------------------------
     @property
+    def _ranks(self) -> list:
+        return self._group.ranks if self._group is not None and self.state != State.CLOSED else []
+
+    @property
     def pids(self) -> list[int]:
         return [rk.pid for rk in self._ranks]
 
@@ -202,7 +118,7 @@ class Session:
         if self.state == State.READY:
             dead = [(rk.rank, rk.proc.exitcode) for rk in self._ranks if rk.proc.exitcode is not None]
             if dead:
-                self._mark_broken("; ".join(f"rank {r} {_exit_description(c)}" for r, c in dead))
+                self._mark_broken("; ".join(f"rank {r} {exit_description(c)}" for r, c in dead))
         if self.state == State.READY:
             return
         advice = {
@@ -224,7 +140,7 @@ class Session:
             lines = src.strip().splitlines() or [""]
             running = f"{lines[0]}{' ...' if len(lines) > 1 else ''} ({time.monotonic() - t0:.1f} s)"
         return [dict(rank=rk.rank, pid=rk.pid, alive=rk.proc.exitcode is None,
-                     process=_exit_description(rk.proc.exitcode), state=self.state.value, running=running)
+                     process=exit_description(rk.proc.exitcode), state=self.state.value, running=running)
                 for rk in self._ranks]
 
     # ---- requests -----------------------------------------------------------------
@@ -300,7 +216,7 @@ class Session:
         try:
             self.state = State.BUSY
             self.running = (source, time.monotonic()) if source is not None else None
-            result = _Exchange(self, msgs, out).run()
+            result = Exchange(self, msgs, out).run()
             if result.broken:
                 self._mark_broken(result.broken)
             elif self.state == State.BUSY:
@@ -311,30 +227,6 @@ class Session:
             self._lock.release()
 
 
-from fsdp_nb.exchange import _Exchange, _recv  # noqa: E402  (uses State/Session names above)
-
-
-@contextlib.contextmanager
-def _spawn_environment(threads: int):
-    """What spawned ranks inherit: one OpenMP pool of `threads`, and no __main__ to re-run.
-
-    Cells travel as source text, so ranks never need the parent's main module; without
-    this swap, spawn re-imports a script's __main__ and demands an
-    `if __name__ == "__main__"` guard from every user script.
-    """
-    saved_env = os.environ.get("OMP_NUM_THREADS")
-    saved_main = sys.modules.get("__main__")
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    sys.modules["__main__"] = types.ModuleType("__main__")
-    try:
-        yield
-    finally:
-        sys.modules["__main__"] = saved_main
-        if saved_env is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = saved_env
-
 
 def _picklable(v) -> bool:
     try:
@@ -342,17 +234,3 @@ def _picklable(v) -> bool:
         return True
     except Exception:
         return False
-
-
-# Registered after multiprocessing's own exit hook, so it runs first (atexit is LIFO):
-# multiprocessing would otherwise join our still-running ranks forever.
-_live: "weakref.WeakSet[Session]" = weakref.WeakSet()
-
-
-@atexit.register
-def _close_all() -> None:
-    for s in list(_live):
-        try:
-            s._kill()
-        except Exception:
-            pass

@@ -1,0 +1,170 @@
+"""Spawning and stopping a session's rank processes.
+
+`RankGroup.spawn(config)` starts N ranks with the spawn context and waits until each
+has joined the process group; `stop()` ends them, cleanly when it can. Every live
+group is killed at interpreter exit, before multiprocessing's own exit hook would
+wait on them forever.
+"""
+from __future__ import annotations
+
+import atexit
+import contextlib
+import multiprocessing as mp
+import os
+import signal
+import sys
+import time
+import types
+import weakref
+from multiprocessing.connection import wait
+
+from fsdp_nb import protocol as P
+from fsdp_nb.results import rank_list
+from fsdp_nb.worker import main as worker_main
+
+START_MARGIN_S = 60.0  # on top of the pg timeout: importing torch in a cold process is slow
+CLOSE_GRACE_S = 5.0
+
+
+class SessionError(RuntimeError):
+    """An operation that the session's state does not allow; the message says what to do."""
+
+
+def exit_description(code: int | None) -> str:
+    if code is None:
+        return "alive"
+    if code < 0:
+        try:
+            return f"exited with signal {-code} ({signal.Signals(-code).name})"
+        except ValueError:
+            return f"exited with signal {-code}"
+    return f"exited with code {code}"
+
+
+def recv(conn):
+    try:
+        return conn.recv()
+    except (EOFError, OSError):
+        return None
+
+
+class RankProc:
+    __slots__ = ("rank", "proc", "conn", "pid")
+
+    def __init__(self, rank, proc, conn):
+        self.rank, self.proc, self.conn, self.pid = rank, proc, conn, proc.pid
+
+
+@contextlib.contextmanager
+def _spawn_environment(threads: int):
+    """What spawned ranks inherit: one OpenMP pool of `threads`, and no __main__ to re-run.
+
+    Cells travel as source text, so ranks never need the parent's main module; without
+    this swap, spawn re-imports a script's __main__ and demands an
+    `if __name__ == "__main__"` guard from every user script.
+    """
+    saved_env = os.environ.get("OMP_NUM_THREADS")
+    saved_main = sys.modules.get("__main__")
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = saved_main
+        if saved_env is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved_env
+
+
+class RankGroup:
+    """The processes, pipes and rendezvous store of one session start."""
+
+    def __init__(self, ranks: list[RankProc], store, torch_version: str):
+        self.ranks, self.store, self.torch_version = ranks, store, torch_version
+        _live.add(self)
+
+    @classmethod
+    def spawn(cls, cfg) -> "RankGroup":
+        import torch.distributed as dist
+
+        # The kernel holds the store's server socket, so no other session can take
+        # the port between choosing it and using it.
+        store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+        opts = dict(host="127.0.0.1", port=store.port, backend=cfg.backend, device=cfg.device,
+                    timeout=cfg.timeout, threads=cfg.threads, parent_pid=os.getpid())
+        ctx = mp.get_context("spawn")
+        ranks = []
+        with _spawn_environment(cfg.threads):
+            for r in range(cfg.nprocs):
+                parent_end, child_end = ctx.Pipe(duplex=True)
+                proc = ctx.Process(target=worker_main, args=(r, cfg.nprocs, child_end, opts),
+                                   name=f"fsdp_nb-rank{r}")
+                proc.start()
+                child_end.close()
+                ranks.append(RankProc(r, proc, parent_end))
+        group = cls(ranks, store, "")
+        group._wait_ready(time.monotonic() + cfg.timeout + START_MARGIN_S)
+        return group
+
+    def _wait_ready(self, deadline: float) -> None:
+        waiting = {rk.conn: rk for rk in self.ranks}
+        sentinels = {rk.proc.sentinel: rk for rk in self.ranks}
+        problem = None
+        while waiting and problem is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                problem = f"{rank_list(r.rank for r in waiting.values())} did not join the process group in time"
+                break
+            for obj in wait(list(waiting) + list(sentinels), timeout=left):
+                rk = waiting.pop(obj, None)
+                if rk is not None:
+                    msg = recv(rk.conn)
+                    if isinstance(msg, P.Ready):
+                        self.torch_version = msg.torch_version
+                        continue
+                    problem = f"rank {rk.rank} could not start: {msg.error if msg else 'pipe closed'}"
+                elif obj in sentinels and sentinels[obj].conn in waiting:
+                    rk = sentinels[obj]
+                    rk.proc.join(0.5)
+                    problem = f"rank {rk.rank} {exit_description(rk.proc.exitcode)} while starting"
+        if problem:
+            self.stop(graceful=False)
+            raise SessionError(problem)
+
+    def stop(self, graceful: bool) -> None:
+        """Barrier, destroy_process_group and exit on every rank when `graceful`; then SIGKILL stragglers."""
+        if graceful:
+            for rk in self.ranks:
+                try:
+                    rk.conn.send(P.Shutdown())
+                except OSError:
+                    pass
+            deadline = time.monotonic() + CLOSE_GRACE_S
+            for rk in self.ranks:
+                rk.proc.join(max(0.0, deadline - time.monotonic()))
+        self.kill()
+
+    def kill(self) -> None:
+        for rk in self.ranks:
+            if rk.proc.exitcode is None:
+                rk.proc.kill()
+        for rk in self.ranks:
+            rk.proc.join(5)
+            rk.conn.close()
+        self.store = None
+        _live.discard(self)
+
+
+# Registered after multiprocessing's own exit hook, so it runs first (atexit is LIFO):
+# multiprocessing would otherwise join our still-running ranks forever.
+_live: "weakref.WeakSet[RankGroup]" = weakref.WeakSet()
+
+
+@atexit.register
+def _kill_all() -> None:
+    for group in list(_live):
+        try:
+            group.kill()
+        except Exception:
+            pass
