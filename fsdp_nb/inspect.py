@@ -1,0 +1,266 @@
+"""Read the layout and memory torch really produced, on a rank, from a live sharded module.
+
+`layout_of(module)` returns the same `Fsdp1Layout` / `Fsdp2Layout` types that
+`fsdp_nb.layout` models, so a notebook can put the model and the truth side by side.
+A rank sees only its own shard: that one is read from torch (`observed_ranks`), the
+other ranks' are derived from torch's own metadata (FSDP1: `_numels_with_padding`,
+FSDP2: `Shard.local_shard_size_and_offset`). Gather every rank's result and call
+`merge_observed` (in the notebook) to get a layout read from torch on every rank.
+
+FSDP1 with `use_orig_params=False` leaves `module.l1.weight` as a view into freed
+storage; touching its data can crash the process. This module reads only
+FlatParameter metadata (`_fqns`, `_shapes`, `_shard_param_infos`, ...).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.fsdp._common_utils import clean_tensor_name
+from torch.distributed.fsdp._traversal_utils import _get_fsdp_handles
+from torch.distributed.tensor import DTensor, Shard
+
+from fsdp_nb.layout import Fsdp1Layout, Fsdp2Layout, ParamSpec, RankBytes, Segment, shard_flat
+from fsdp_nb.rules import fsdp1_problems, fsdp2_problems
+
+
+def _clean(module_name: str) -> str:
+    """"l2._fsdp_wrapped_module" -> "l2"; the root's wrapped module -> ""."""
+    return clean_tensor_name(module_name + ".").rstrip(".") if module_name else ""
+
+
+def _prefixed(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+# ---------------------------------------------------------------- FSDP1 ----
+def _flat_handles(module: nn.Module) -> dict[str, object]:
+    """Each FlatParamHandle in `module`, keyed by the clean name of the module it wraps."""
+    names = {id(m): n for n, m in module.named_modules()}
+    return {_clean(names.get(id(h._fully_sharded_module), "")): h for h in _get_fsdp_handles(module)}
+
+
+def _flat_specs(handle, prefix: str) -> tuple[ParamSpec, ...]:
+    flat = handle.flat_param
+    if handle._use_orig_params:
+        grads = [p.requires_grad for p in flat._params]  # the original parameters, metadata only
+    else:
+        grads = [flat.requires_grad] * len(flat._fqns)  # uniform, or FSDP1 would have refused
+    return tuple(ParamSpec(name=_prefixed(prefix, fqn), shape=tuple(shape), dtype=handle._orig_param_dtype,
+                           requires_grad=g) for fqn, shape, g in zip(flat._fqns, flat._shapes, grads))
+
+
+def _own_shard(flat, names: list[str]) -> tuple[Segment, ...]:
+    """This rank's chunk from `_shard_param_infos`: parameter pieces by offset, gaps are padding."""
+    pieces = sorted((info.offset_in_shard, name, info.intra_param_start_idx, info.intra_param_end_idx + 1)
+                    for name, info in zip(names, flat._shard_param_infos) if info.in_shard)
+    out, cursor = [], 0
+    for offset, name, start, stop in pieces:
+        if offset > cursor:  # alignment padding between parameters
+            out.append(Segment(None, 0, offset - cursor))
+        out.append(Segment(name, start, stop))  # flat_param[offset : offset + stop - start]
+        cursor = offset + stop - start
+    local = flat._sharded_size.numel()
+    if local > cursor:  # world-size padding, or `_shard_numel_padded` on the last ranks
+        out.append(Segment(None, 0, local - cursor))
+    return tuple(out)
+
+
+def _fsdp1_layout(handle, prefix: str) -> Fsdp1Layout:
+    flat = handle.flat_param
+    # NO_SHARD keeps the whole FlatParameter on every rank: a group of one.
+    world, rank = (handle.world_size, handle.rank) if handle.uses_sharded_strategy else (1, 0)
+    specs = _flat_specs(handle, prefix)
+    names = iter(s.name for s in specs)
+    entries = tuple(Segment(None, 0, n) if pad else Segment(next(names), 0, n)
+                    for n, pad in zip(flat._numels_with_padding, flat._is_padding_mask))
+    shards = list(shard_flat(entries, world))
+    shards[rank] = _own_shard(flat, [s.name for s in specs])
+    return Fsdp1Layout(params=specs, world_size=world, use_orig_params=handle._use_orig_params, flat=entries,
+                       shards=tuple(shards), problems=fsdp1_problems(specs, handle._use_orig_params),
+                       observed_ranks=(rank,))
+
+
+def fsdp1_layouts_of(module: nn.Module) -> dict[str, Fsdp1Layout]:
+    """One layout per FlatParameter of an FSDP1 module, keyed by the wrapped module's name ("" = root)."""
+    return {name: _fsdp1_layout(h, name) for name, h in _flat_handles(module).items()}
+
+
+# ---------------------------------------------------------------- FSDP2 ----
+def _fsdp_params(module: nn.Module) -> list[tuple[str, str, object]]:
+    """(parameter name, fully_shard group name, FSDPParam) in `named_parameters` order."""
+    names = {id(m): n for n, m in module.named_modules()}
+    found = {}
+    for m in module.modules():
+        if not isinstance(m, FSDPModule):
+            continue
+        group = m._get_fsdp_state()._fsdp_param_group
+        for fp in group.fsdp_params if group is not None else ():
+            info = fp._module_info
+            found[_prefixed(names[id(info.module)], info.param_name)] = (names[id(m)], fp)
+    return [(n, *found[n]) for n, _ in module.named_parameters() if n in found]
+
+
+def _fsdp2_layout(module: nn.Module) -> Fsdp2Layout:
+    entries = _fsdp_params(module)
+    if not entries:
+        raise ValueError("layout_of: fully_shard manages no parameter of this module")
+    specs, groups, ranges, padded = [], [], [], []
+    worlds = set()
+    for name, group, fp in entries:
+        p = fp.sharded_param  # DTensor, global shape
+        if fp.fsdp_placement.dim != 0:
+            raise NotImplementedError(f"layout_of: {name} is sharded on dim {fp.fsdp_placement.dim}; "
+                                      "only dim 0 (the default) is modelled")
+        rank, world = fp.mesh_info.shard_mesh_rank, fp.mesh_info.shard_mesh_size
+        worlds.add(world)
+        rows = p.shape[0]
+        local_rows = p.to_local().shape[0]
+        size, start = Shard.local_shard_size_and_offset(rows, world, rank)
+        if size != local_rows:
+            raise RuntimeError(f"layout_of: {name} has {local_rows} local rows, torch's chunk rule says {size}")
+        rank_ranges = []
+        for r in range(world):  # other ranks: torch's own chunk arithmetic
+            n, s = Shard.local_shard_size_and_offset(rows, world, r)
+            rank_ranges.append((s, s + n))
+        rank_ranges[rank] = (start, start + local_rows)  # ours: read from to_local()
+        specs.append(ParamSpec(name=name, shape=tuple(p.shape), dtype=p.dtype, requires_grad=p.requires_grad))
+        groups.append(group)
+        ranges.append(tuple(rank_ranges))
+        padded.append(fp.padded_sharded_param_size[0])  # rows of the all-gather input on every rank
+    if len(worlds) != 1:
+        raise NotImplementedError(f"layout_of: parameters are sharded over different group sizes {sorted(worlds)}")
+    return Fsdp2Layout(params=tuple(specs), world_size=worlds.pop(), groups=tuple(groups),
+                       row_ranges=tuple(ranges), padded_rows=tuple(padded),
+                       problems=fsdp2_problems(specs, groups), observed_ranks=(rank,))
+
+
+def _is_fsdp2(module: nn.Module) -> bool:
+    return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
+# ----------------------------------------------------------------- both ----
+def layout_of(module: nn.Module) -> Fsdp1Layout | Fsdp2Layout:
+    """The layout torch built for `module` (FSDP2, or FSDP1 with one FlatParameter), seen from this rank."""
+    if _is_fsdp2(module):
+        return _fsdp2_layout(module)
+    layouts = fsdp1_layouts_of(module)
+    if not layouts:
+        raise TypeError(f"layout_of: {type(module).__name__} is not sharded; wrap it with FSDP(...) or "
+                        "fully_shard(...), or model it with fsdp_nb.layout.fsdp1_layout(specs_of(module), world_size)")
+    if len(layouts) > 1:
+        raise ValueError(f"layout_of: the module has {len(layouts)} FlatParameters (wrapping {sorted(layouts)}); "
+                         "pick one with fsdp1_layouts_of(module)[name]")
+    return next(iter(layouts.values()))
+
+
+def merge_observed(per_rank: Sequence[Fsdp1Layout | Fsdp2Layout]) -> Fsdp1Layout | Fsdp2Layout:
+    """Combine the layouts that ranks read from torch (`per_rank[r]` from rank r) into one.
+
+    Each rank only sees its own shard; the result takes rank r's shard from rank r.
+    """
+    first = per_rank[0]
+    if len(per_rank) != first.world_size:
+        raise ValueError(f"merge_observed: got {len(per_rank)} layouts for world_size={first.world_size}")
+    for r, lay in enumerate(per_rank):
+        if type(lay) is not type(first) or lay.params != first.params or r not in lay.observed_ranks:
+            raise ValueError(f"merge_observed: layout {r} is not rank {r}'s view of the same parameters")
+    if isinstance(first, Fsdp1Layout):
+        return replace(first, shards=tuple(lay.shards[r] for r, lay in enumerate(per_rank)),
+                       observed_ranks=tuple(range(first.world_size)))
+    world = range(first.world_size)
+    ranges = tuple(tuple(per_rank[r].row_ranges[i][r] for r in world) for i in range(len(first.params)))
+    return replace(first, row_ranges=ranges, observed_ranks=tuple(range(first.world_size)))
+
+
+def specs_of_sharded(module: nn.Module) -> tuple[ParamSpec, ...]:
+    """The original parameters of a sharded module (full shapes), in the unsharded `named_parameters` order.
+
+    Feed them to `fsdp1_layout` / `fsdp2_layout` to model the other FSDP version.
+    """
+    if _is_fsdp2(module):
+        return tuple(_fsdp2_layout(module).params)
+    specs = [s for name, h in _flat_handles(module).items() for s in _flat_specs(h, name)]
+    # Nested FlatParameters list their parameters out of order; sort by owning module, pre-order.
+    order = {}
+    for n, _ in module.named_modules():
+        order.setdefault(_clean(n), len(order))
+    position = {s.name: i for i, s in enumerate(specs)}
+    return tuple(sorted(specs, key=lambda s: (order.get(s.name.rpartition(".")[0], -1), position[s.name])))
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemoryReport:
+    """Real storage bytes on one rank, from `memory_of`: parameters, gradients, optimizer state."""
+
+    rank: int
+    world_size: int
+    params: RankBytes
+    grads: RankBytes
+    optimizer: RankBytes
+
+    @property
+    def total(self) -> int:
+        return self.params.total + self.grads.total + self.optimizer.total
+
+
+class _Ledger:
+    """Unique storages (by data pointer) and the byte ranges of real data inside them."""
+
+    def __init__(self):
+        self.nbytes: dict[int, int] = {}
+        self.real: dict[int, list[tuple[int, int]]] = {}
+
+    def add(self, t: torch.Tensor, pieces=None) -> None:
+        """`pieces`: (element offset, numel) of real data in flat `t`; None means all of `t`."""
+        if isinstance(t, DTensor):
+            t = t.to_local()
+        storage = t.untyped_storage()
+        if storage.nbytes() == 0:  # e.g. a use_orig_params view with nothing on this rank
+            return
+        ptr, item, base = storage.data_ptr(), t.element_size(), t.storage_offset()
+        self.nbytes[ptr] = storage.nbytes()
+        for start, numel in pieces if pieces is not None else [(0, t.numel())]:
+            self.real.setdefault(ptr, []).append(((base + start) * item, (base + start + numel) * item))
+
+    def bytes(self) -> RankBytes:
+        real = 0
+        for ranges in self.real.values():  # union of possibly overlapping views
+            end = 0
+            for a, b in sorted(ranges):
+                real += max(0, b - max(a, end))
+                end = max(end, b)
+        total = sum(self.nbytes.values())
+        return RankBytes(real=real, padding=total - real)
+
+
+def memory_of(module: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> MemoryReport:
+    """Bytes this rank really holds for parameters, gradients and optimizer state.
+
+    Storages are counted once each, whole, so padding counts; `real` is the part
+    covered by parameter data. Call it between steps, when parameters are sharded.
+    """
+    pieces = {}
+    for h in _get_fsdp_handles(module):  # FSDP1: real pieces of each local FlatParameter chunk
+        flat = h.flat_param
+        real = [(i.offset_in_shard, i.numel_in_shard) for i in flat._shard_param_infos if i.in_shard]
+        pieces[id(flat)] = (flat, real)
+    tensors = list(pieces.values()) + [(p, None) for p in module.parameters() if id(p) not in pieces]
+    params, grads, optim = _Ledger(), _Ledger(), _Ledger()
+    for t, real in tensors:
+        params.add(t, real)
+        if t.grad is not None:
+            grads.add(t.grad, real if t.grad.numel() == t.numel() else None)
+    if optimizer is not None:
+        for p, state in optimizer.state.items():
+            real = pieces[id(p)][1] if id(p) in pieces else None
+            for value in state.values():
+                if isinstance(value, torch.Tensor):  # exp_avg like the FlatParameter chunk, or a scalar step
+                    optim.add(value, real if real is not None and value.numel() == p.numel() else None)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    return MemoryReport(rank=rank, world_size=world, params=params.bytes(), grads=grads.bytes(),
+                        optimizer=optim.bytes())

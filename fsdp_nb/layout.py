@@ -1,0 +1,336 @@
+"""Where every parameter element lives, computed from shapes alone.
+
+No process group, no display: `fsdp1_layout` and `fsdp2_layout` model what torch
+builds, and `fsdp_nb.inspect.layout_of` returns the same types read from a live
+sharded module, so the two can be compared element for element. Layouts are
+frozen dataclasses of plain values: they pickle from ranks to the notebook.
+
+[Note: FSDP1 flat layout]
+FSDP1 concatenates the parameters of one wrapped module, in `named_parameters`
+order, into one 1-D FlatParameter. With `use_orig_params=True` it inserts padding
+before each parameter so every parameter starts on a 16-byte boundary (4 fp32
+elements, 8 bf16), then pads the end to a multiple of the world size. The flat
+tensor is cut with `torch.chunk` into `ceil(N / world)` elements per rank; ranks
+whose chunk runs past the end hold padding instead (with `use_orig_params=False`
+this is the only padding). A parameter may straddle ranks.
+
+[Note: FSDP2 row layout]
+FSDP2 keeps one DTensor per parameter and cuts dim 0 with `torch.chunk`:
+`ceil(rows / world)` rows per rank, so the last ranks may get fewer rows or none.
+Each rank stores its shard padded to `ceil(rows / world)` rows so the all-gather
+moves equal sizes; the padding is real memory but invisible in `to_local()`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+import torch
+from torch import nn
+
+from fsdp_nb.rules import Problem, fsdp1_problems, fsdp2_problems
+
+ALIGNMENT_BYTES = 16  # FSDP1 aligns each parameter's start for use_orig_params=True
+
+
+class Segment(NamedTuple):
+    """Elements `start:stop` of parameter `name`, flattened; `name=None` is padding (`0:n`)."""
+
+    name: str | None
+    start: int
+    stop: int
+
+    @property
+    def numel(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParamSpec:
+    """What the layout math needs to know about one parameter."""
+
+    name: str
+    """Full name as in `module.named_parameters()`, e.g. "l2.weight"."""
+    shape: tuple[int, ...]
+    """Unsharded shape; every dim positive. `()` is a scalar (both FSDP versions reject it)."""
+    dtype: torch.dtype = torch.float32
+    """Storage dtype of the parameter."""
+    requires_grad: bool = True
+    """False for frozen parameters."""
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"ParamSpec: name={self.name!r} must be a non-empty string like 'l1.weight'")
+        shape = tuple(self.shape)
+        for i, dim in enumerate(shape):
+            if not isinstance(dim, int) or isinstance(dim, bool) or dim <= 0:
+                raise ValueError(f"ParamSpec({self.name!r}): shape={shape} has dim {i} = {dim!r}; "
+                                 "every dim must be a positive int")
+        object.__setattr__(self, "shape", shape)
+        if not isinstance(self.dtype, torch.dtype):
+            raise ValueError(f"ParamSpec({self.name!r}): dtype={self.dtype!r} must be a torch.dtype like torch.float32")
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def itemsize(self) -> int:
+        return self.dtype.itemsize
+
+
+def specs_of(module: nn.Module) -> tuple[ParamSpec, ...]:
+    """The parameters of an unsharded module, in `named_parameters()` order."""
+    return tuple(ParamSpec(name=n, shape=tuple(p.shape), dtype=p.dtype, requires_grad=p.requires_grad)
+                 for n, p in module.named_parameters())
+
+
+@dataclass(frozen=True, kw_only=True)
+class RankBytes:
+    """Bytes on one rank, split into real data and padding."""
+
+    real: int
+    padding: int
+
+    @property
+    def total(self) -> int:
+        return self.real + self.padding
+
+
+def _check_world_size(world_size) -> None:
+    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+        raise ValueError(f"world_size={world_size!r} must be an int >= 1")
+
+
+def _check_specs(specs: Sequence[ParamSpec]) -> tuple[ParamSpec, ...]:
+    specs = tuple(specs)
+    if not specs or not all(isinstance(s, ParamSpec) for s in specs):
+        raise ValueError("specs must be a non-empty sequence of ParamSpec (see specs_of(module))")
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"specs: parameter names must be unique, got {names}")
+    return specs
+
+
+class _Layout:
+    """Shared lookups of the two layout types."""
+
+    def _index(self, name: str) -> int:
+        for i, spec in enumerate(self.params):
+            if spec.name == name:
+                return i
+        raise KeyError(f"unknown parameter {name!r}; this layout has {[s.name for s in self.params]}")
+
+    def _rank(self, rank: int) -> int:
+        if not isinstance(rank, int) or not 0 <= rank < self.world_size:
+            raise ValueError(f"rank={rank!r} must be an int in [0, {self.world_size})")
+        return rank
+
+    def param(self, name: str) -> ParamSpec:
+        return self.params[self._index(name)]
+
+    @property
+    def errors(self) -> tuple[Problem, ...]:
+        return tuple(p for p in self.problems if p.severity == "error")
+
+    @property
+    def raises(self) -> str | None:
+        """What torch raises for this configuration (its first error), or None if it works."""
+        return self.errors[0].raises if self.errors else None
+
+    @property
+    def bytes_per_rank(self) -> tuple[RankBytes, ...]:
+        return tuple(self.bytes(r) for r in range(self.world_size))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Fsdp1Layout(_Layout):
+    """One FSDP1 FlatParameter: its unsharded order and every rank's equal chunk."""
+
+    params: tuple[ParamSpec, ...]
+    """The flattened parameters, in FlatParameter order."""
+    world_size: int
+    use_orig_params: bool
+    flat: tuple[Segment, ...]
+    """The unsharded FlatParameter: whole parameters and alignment / world-size padding."""
+    shards: tuple[tuple[Segment, ...], ...]
+    """`shards[r]`: rank r's chunk in order, shard padding included."""
+    problems: tuple[Problem, ...] = ()
+    observed_ranks: tuple[int, ...] = ()
+    """Ranks whose chunk was read from torch (empty: fully modelled)."""
+
+    version = 1
+
+    def __post_init__(self):
+        _check_world_size(self.world_size)
+        if len(self.shards) != self.world_size:
+            raise ValueError(f"Fsdp1Layout: {len(self.shards)} shards for world_size={self.world_size}")
+        sizes = {sum(seg.numel for seg in shard) for shard in self.shards}
+        if len(sizes) != 1:
+            raise ValueError(f"Fsdp1Layout: rank chunks must have equal numel, got {sorted(sizes)}")
+
+    def segments(self, rank: int) -> tuple[Segment, ...]:
+        """Rank `rank`'s chunk in order: `(name, start, stop)` of flattened params, `(None, 0, n)` padding."""
+        return self.shards[self._rank(rank)]
+
+    @property
+    def total_numel(self) -> int:
+        """Elements of real parameter data."""
+        return sum(s.numel for s in self.params)
+
+    @property
+    def chunk_numel(self) -> int:
+        """Elements each rank stores, padding included."""
+        return sum(seg.numel for seg in self.shards[0])
+
+    @property
+    def padded_numel(self) -> int:
+        """Elements of the padded, unsharded FlatParameter (`chunk_numel * world_size`)."""
+        return self.chunk_numel * self.world_size
+
+    @property
+    def padding_numel(self) -> int:
+        return self.padded_numel - self.total_numel
+
+    def bytes(self, rank: int) -> RankBytes:
+        """Bytes rank `rank` stores for this FlatParameter (padding has the first parameter's dtype)."""
+        itemsize = {s.name: s.itemsize for s in self.params}
+        real = pad = 0
+        for seg in self.segments(rank):
+            if seg.name is None:
+                pad += seg.numel * self.params[0].itemsize
+            else:
+                real += seg.numel * itemsize[seg.name]
+        return RankBytes(real=real, padding=pad)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Fsdp2Layout(_Layout):
+    """FSDP2: every parameter's dim-0 rows per rank, and the padded rows each rank stores."""
+
+    params: tuple[ParamSpec, ...]
+    world_size: int
+    groups: tuple[str, ...]
+    """Per parameter: the module whose `fully_shard` call owns it ("" = the root)."""
+    row_ranges: tuple[tuple[tuple[int, int], ...], ...]
+    """`row_ranges[i][r]`: rows `[start, stop)` of parameter i on rank r."""
+    padded_rows: tuple[int, ...]
+    """Per parameter: dim-0 size of every rank's padded local storage (`ceil(rows / world)`)."""
+    problems: tuple[Problem, ...] = ()
+    observed_ranks: tuple[int, ...] = ()
+
+    version = 2
+
+    def __post_init__(self):
+        _check_world_size(self.world_size)
+        n = len(self.params)
+        if not (len(self.groups) == len(self.row_ranges) == len(self.padded_rows) == n):
+            raise ValueError("Fsdp2Layout: groups, row_ranges and padded_rows need one entry per parameter")
+        if any(len(ranges) != self.world_size for ranges in self.row_ranges):
+            raise ValueError(f"Fsdp2Layout: every parameter needs {self.world_size} row ranges")
+
+    def rows(self, name: str, rank: int) -> tuple[int, int]:
+        """Rows `[start, stop)` of dim 0 of `name` held by `rank` (`start == stop`: empty shard)."""
+        return self.row_ranges[self._index(name)][self._rank(rank)]
+
+    def local_shape(self, name: str, rank: int) -> tuple[int, ...]:
+        """Shape of `to_local()` on `rank`."""
+        start, stop = self.rows(name, rank)
+        return (stop - start,) + self.param(name).shape[1:]
+
+    def padded_local_shape(self, name: str) -> tuple[int, ...]:
+        """Shape of the storage every rank keeps for `name` (the all-gather input)."""
+        return (self.padded_rows[self._index(name)],) + self.param(name).shape[1:]
+
+    def padded_dim0(self, name: str) -> int:
+        """Dim 0 of `name` after the all-gather, before the padding is cut off."""
+        return self.padded_rows[self._index(name)] * self.world_size
+
+    def bytes(self, rank: int) -> RankBytes:
+        real = pad = 0
+        for i, spec in enumerate(self.params):
+            row_numel = math.prod(spec.shape[1:])
+            start, stop = self.row_ranges[i][self._rank(rank)]
+            real += (stop - start) * row_numel * spec.itemsize
+            pad += (self.padded_rows[i] - (stop - start)) * row_numel * spec.itemsize
+        return RankBytes(real=real, padding=pad)
+
+
+def chunk_range(numel: int, world_size: int, rank: int) -> tuple[int, int]:
+    """`[start, stop)` of `torch.chunk(range(numel), world_size)[rank]`; empty past the end."""
+    size = -(-numel // world_size)  # torch.chunk: ceil-sized chunks, fewer if they run out
+    return min(rank * size, numel), min((rank + 1) * size, numel)
+
+
+def shard_flat(flat: Sequence[Segment], world_size: int) -> tuple[tuple[Segment, ...], ...]:
+    """Cut an unsharded FlatParameter into `world_size` equal chunks, as FSDP1's `_get_shard` does."""
+    total = sum(seg.numel for seg in flat)
+    chunk = -(-total // world_size)
+    shards = []
+    for rank in range(world_size):
+        lo, hi = rank * chunk, (rank + 1) * chunk  # rank's elements of the padded flat tensor
+        out, offset = [], 0
+        for seg in flat:
+            a, b = max(lo, offset), min(hi, offset + seg.numel)
+            if a < b:
+                out.append(Segment(None, 0, b - a) if seg.name is None
+                           else Segment(seg.name, seg.start + a - offset, seg.start + b - offset))
+            offset += seg.numel
+        if hi - max(lo, total) > 0:  # past the end: `_get_shard` pads this rank
+            out.append(Segment(None, 0, hi - max(lo, total)))
+        shards.append(tuple(out))
+    return tuple(shards)
+
+
+def fsdp1_layout(specs: Sequence[ParamSpec], world_size: int, *, use_orig_params: bool = False,
+                 param_dtype: torch.dtype | None = None) -> Fsdp1Layout:
+    """Model the FlatParameter FSDP1 builds for `specs` (one FSDP unit) on `world_size` ranks.
+
+    `param_dtype` is `MixedPrecision(param_dtype=...)`: it sets the alignment that
+    `use_orig_params=True` pads to. The layout is computed even when torch would
+    reject the configuration; `.problems` and `.raises` say why it would.
+    """
+    specs = _check_specs(specs)
+    _check_world_size(world_size)
+    unsharded_dtype = param_dtype or specs[0].dtype
+    aligned_numel = ALIGNMENT_BYTES // unsharded_dtype.itemsize if use_orig_params else 0
+    flat, total = [], 0
+    for spec in specs:
+        pad = (-total) % aligned_numel if aligned_numel else 0
+        if pad:  # start the next parameter on a 16-byte boundary
+            flat.append(Segment(None, 0, pad))
+            total += pad
+        flat.append(Segment(spec.name, 0, spec.numel))
+        total += spec.numel
+    if aligned_numel and total % world_size:  # divisible by world size: no copy before reduce-scatter
+        flat.append(Segment(None, 0, (-total) % world_size))
+    return Fsdp1Layout(params=specs, world_size=world_size, use_orig_params=use_orig_params, flat=tuple(flat),
+                       shards=shard_flat(flat, world_size), problems=fsdp1_problems(specs, use_orig_params))
+
+
+def _group_of(name: str, groups: Sequence[str]) -> str:
+    owners = [g for g in groups if g == "" or name.startswith(g + ".")]
+    return max(owners, key=len) if owners else ""
+
+
+def fsdp2_layout(specs: Sequence[ParamSpec], world_size: int, *, groups: Sequence[str] = ("",)) -> Fsdp2Layout:
+    """Model FSDP2's dim-0 sharding of `specs` on `world_size` ranks.
+
+    `groups` lists the modules `fully_shard` is called on ("" = the root); each
+    parameter belongs to the innermost one. Sharding does not depend on groups;
+    dtype checks do (e.g. `groups=("l2", "")` keeps a bf16 `l2` apart).
+    """
+    specs = _check_specs(specs)
+    _check_world_size(world_size)
+    groups = tuple(groups)
+    for g in groups:
+        if g and not any(s.name.startswith(g + ".") for s in specs):
+            raise ValueError(f"groups: {g!r} owns no parameter; parameters are {[s.name for s in specs]}")
+    owner = tuple(_group_of(s.name, groups) for s in specs)
+    rows = [s.shape[0] if s.shape else 1 for s in specs]
+    return Fsdp2Layout(
+        params=specs, world_size=world_size, groups=owner,
+        row_ranges=tuple(tuple(chunk_range(n, world_size, r) for r in range(world_size)) for n in rows),
+        padded_rows=tuple(-(-n // world_size) for n in rows),
+        problems=fsdp2_problems(specs, owner))
