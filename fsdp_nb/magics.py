@@ -12,7 +12,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from fsdp_nb.dashboard import Dashboard
-from fsdp_nb.output import show_value
+from fsdp_nb.output import show_figure, show_value
 from fsdp_nb.session import Session, SessionError, State
 
 
@@ -136,6 +136,35 @@ class FSDPMagics(Magics):
             raise UsageError("name one rank variable to fetch, e.g. x = %fsdp_pull x")
         s = self._session()
         return self._guard(lambda: s.pull(names[0]))
+
+    @magic_arguments()
+    @argument("name", help="a sharded module on the ranks (FSDP1 or FSDP2)")
+    @argument("--memory", dest="optimizer", nargs="?", const="", default=None,
+              help="also show real per-rank bytes; name an optimizer to include its state")
+    @argument("--no-figure", dest="figure", action="store_false", help="print the tables only")
+    @line_magic
+    def fsdp_layout(self, line):
+        """Draw how a module in the session is sharded, next to the other FSDP version: %fsdp_layout model"""
+        from fsdp_nb import gather, viz
+
+        args = parse_argstring(self.fsdp_layout, line)
+        s = self._session()
+        fsdp1, fsdp2 = self._guard(lambda: gather.comparison(s, args.name))
+        print(f"{args.name}: read from the ranks")
+        print(viz.format_layout(fsdp1 if fsdp1.observed_ranks else fsdp2))
+        print("the other version, modelled for the same parameters:")
+        print(viz.format_layout(fsdp2 if fsdp1.observed_ranks else fsdp1))
+        if args.figure:
+            fig = viz.plot_comparison(fsdp1, fsdp2)
+            which = "FSDP1 (read from the ranks) | FSDP2 (modelled)" if fsdp1.observed_ranks else \
+                "FSDP1 (modelled) | FSDP2 (read from the ranks)"
+            fig.suptitle(f"{args.name} on {fsdp1.world_size} ranks: {which}", fontsize=10)
+            show_figure(fig)
+        if args.optimizer is not None:
+            reports = self._guard(lambda: gather.memory(s, args.name, args.optimizer or None))
+            print(viz.format_memory(reports))
+            if args.figure:
+                show_figure(viz.plot_memory(reports))
 
     @line_magic
     def fsdp_export(self, line):

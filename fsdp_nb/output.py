@@ -133,3 +133,17 @@ def show_value(rank: int, value) -> None:
     except ImportError:
         text = repr(value)
     print(f"Out[rank {rank}]: {text}")
+
+
+def show_figure(fig) -> None:
+    """Show a matplotlib Figure made in the kernel (not pyplot-managed, so nothing is left open)."""
+    try:
+        from IPython import get_ipython
+        from IPython.display import display
+
+        if get_ipython() is not None:
+            display(fig)
+            return
+    except ImportError:
+        pass
+    print(repr(fig))

@@ -39,9 +39,20 @@ def format_error(e: BaseException) -> P.RemoteError:
         tb = tb.tb_next  # drop worker/run_source frames above the cell
     text = "".join(traceback.format_exception(type(e), e, tb))
     msg = str(e)
+    why = _explain(msg)
+    if why:
+        text += f"fsdp_nb explains: {why}\n"
     stuck = type(e).__name__ in ("DistBackendError", "DistNetworkError") or (
         isinstance(e, RuntimeError) and any(m in msg.lower() for m in _TIMEOUT_MARKERS))
     return P.RemoteError(type(e).__name__, msg.strip().splitlines()[0] if msg.strip() else "", text, stuck)
+
+
+def _explain(message: str) -> str | None:
+    if "flatten" not in message and "FSDP" not in message and "scalar" not in message:
+        return None  # most errors: skip importing the rules
+    from fsdp_nb.rules import explain
+
+    return explain(message)
 
 
 class RankStream(io.TextIOBase):

@@ -104,3 +104,29 @@ def fsdp2_problems(specs: Sequence[ParamSpec], groups: Sequence[str]) -> tuple[P
                 f"fully_shard({group or 'root'}) groups trainable parameters of dtypes {listed}; one group is "
                 "all-gathered and reduce-scattered as one buffer. Give the odd layer its own fully_shard call."))
     return tuple(problems)
+
+
+# Torch's messages for the refusals above, and what they mean, for errors raised on ranks.
+_EXPLAINED = (
+    ("Must flatten tensors with uniform `requires_grad`",
+     "FSDP1 with use_orig_params=False concatenates a wrapped module's parameters into ONE FlatParameter, "
+     "an nn.Parameter with a single requires_grad flag, so frozen and trainable parameters cannot share it. "
+     "Use use_orig_params=True, wrap the frozen layer in its own FSDP unit, or use FSDP2 (fully_shard), "
+     "where each parameter keeps its own flag."),
+    ("Must flatten tensors with uniform dtype",
+     "FSDP1 concatenates a wrapped module's parameters into ONE flat tensor, and a tensor has one dtype. "
+     "Wrap the odd-dtype layer in its own FSDP unit, cast it, or use FSDP2 (one DTensor per parameter)."),
+    ("FSDP expects uniform original parameter dtype",
+     "One fully_shard group all-gathers and reduce-scatters its trainable parameters as one buffer, so they "
+     "must share a dtype. Call fully_shard on the odd-dtype layer first, giving it its own group."),
+    ("doesn't support scalar parameters",
+     "FSDP shards along a dimension, so a 0-dim parameter has nothing to split: make it shape (1,)."),
+)
+
+
+def explain(message: str) -> str | None:
+    """What a known FSDP error means and what to do, or None for errors we do not know."""
+    for fragment, why in _EXPLAINED:
+        if fragment in message:
+            return why
+    return None

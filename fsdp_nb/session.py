@@ -195,6 +195,18 @@ class Session:
             raise SessionError(f"{name!r} on rank {r} cannot be sent to the notebook: {result.dones[r].note}")
         return result.raise_errors().values
 
+    def layout(self, name: str):
+        """The real shard layout of the sharded module `name` on the ranks (see fsdp_nb.gather)."""
+        from fsdp_nb.gather import layout
+
+        return layout(self, name)
+
+    def memory(self, name: str, optimizer: str | None = None) -> list:
+        """Real per-rank bytes of `name`'s parameters, gradients and `optimizer` state."""
+        from fsdp_nb.gather import memory
+
+        return memory(self, name, optimizer)
+
     def interrupt(self) -> None:
         """Raise KeyboardInterrupt in the code running on every rank (idle ranks ignore it)."""
         for rk in self._ranks:

@@ -1,0 +1,57 @@
+"""Kernel-side reads of live sharded modules in a session: layouts and memory per rank.
+
+Each rank reads what torch built on that rank (`fsdp_nb.inspect`), the results travel
+back as small dataclasses, and the kernel merges them: a layout whose every shard was
+read from torch on its own rank.
+"""
+from __future__ import annotations
+
+from fsdp_nb.launcher import SessionError
+from fsdp_nb.layout import Fsdp1Layout, Fsdp2Layout, fsdp1_layout, fsdp2_layout
+
+_INSPECT = "__import__('fsdp_nb.inspect', fromlist=['inspect'])"
+
+
+def _check_name(name: str) -> str:
+    if not name or not all(part.isidentifier() for part in name.split(".")):
+        raise SessionError(f"{name!r} is not a variable name; give the name of a sharded module on the ranks, "
+                           "e.g. %fsdp_layout model")
+    return name
+
+
+def _eval(session, expr: str, name: str) -> list:
+    result = session.run(expr, output=_silent(), record=False)
+    if result.errors:
+        rank, err = result.errors[0]
+        if err.type in ("NameError", "AttributeError") and name.split(".")[0] in err.message:
+            raise SessionError(f"rank {rank} has no {name!r}; build and shard it in a %%fsdp cell first")
+        raise SessionError(f"reading {name!r} on rank {rank} failed: {err.headline()}")
+    return result.raise_errors().values
+
+
+def _silent():
+    from fsdp_nb.output import Silent
+
+    return Silent()
+
+
+def layout(session, name: str) -> Fsdp1Layout | Fsdp2Layout:
+    """The real layout of the sharded module `name`, every rank's shard read on that rank."""
+    from fsdp_nb.inspect import merge_observed
+
+    per_rank = _eval(session, f"{_INSPECT}.layout_of({_check_name(name)})", name)
+    return merge_observed(per_rank)
+
+
+def memory(session, name: str, optimizer: str | None = None) -> list:
+    """Real bytes of parameters, gradients (and `optimizer` state) on every rank, as MemoryReports."""
+    opt = _check_name(optimizer) if optimizer else "None"
+    return _eval(session, f"{_INSPECT}.memory_of({_check_name(name)}, {opt})", name)
+
+
+def comparison(session, name: str, *, use_orig_params: bool = False) -> tuple[Fsdp1Layout, Fsdp2Layout]:
+    """(FSDP1, FSDP2) layouts for the module `name`: its own version read from the ranks, the other modelled."""
+    real = layout(session, name)
+    if isinstance(real, Fsdp1Layout):
+        return real, fsdp2_layout(real.params, real.world_size)
+    return fsdp1_layout(real.params, real.world_size, use_orig_params=use_orig_params), real
