@@ -12,7 +12,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from fsdp_nb.dashboard import Dashboard
-from fsdp_nb.output import show_figure, show_value
+from fsdp_nb.output import register_figure_formatter, show_figure, show_value
 from fsdp_nb.session import Session, SessionError, State
 
 
@@ -206,6 +206,7 @@ class FSDPMagics(Magics):
 
 def load(ipython) -> None:
     ipython.register_magics(FSDPMagics)
+    register_figure_formatter(ipython)
 
 
 def unload(ipython) -> None:
