@@ -1,0 +1,348 @@
+"""`shard(model, config)`: apply FSDP1 or FSDP2 to a model, in a fixed order.
+
+The recipe, and why the order matters:
+1. `wrap_units` decides which submodules become their own FSDP unit (one
+   all-gather per unit). It only reads the model, so a wrong class name fails
+   before any communication.
+2. `apply_activation_checkpointing` wraps those same units, so a unit's
+   activations are recomputed inside the unit whose parameters are gathered.
+3. `_apply_fsdp1` / `_apply_fsdp2` shard the units bottom-up, then the root.
+   The root keeps whatever no unit claimed: embeddings, final norm, head.
+
+CPU notes, handled here so notebooks on a laptop just work:
+- FSDP1 needs `device_id=torch.device("cpu")` on gloo.
+- FSDP1 `sync_module_states=True` refuses CPU tensors; on CPU we broadcast
+  rank 0's parameters and buffers ourselves before wrapping.
+- FSDP2's `CPUOffloadPolicy` pins memory by default, which needs CUDA.
+
+[Note: stale optimizers] Sharding replaces parameters (FSDP2 registers new
+DTensor Parameters; FSDP1 without `use_orig_params` registers FlatParameters).
+An optimizer built before `shard()` still holds the old tensors, which no longer
+get gradients, so `step()` silently does nothing. `shard()` records the replaced
+parameters, and a process-wide optimizer pre-step hook raises if an optimizer
+still holds one. `check_optimizer(model, optimizer)` runs the same check on demand.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+import weakref
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+if TYPE_CHECKING:
+    from fsdp_nb.config import FSDPConfig
+
+WRAP_POLICIES = ("TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP", "NO_WRAP")
+
+
+def shard(model: nn.Module, config: FSDPConfig, *, mesh: Any = None) -> nn.Module:
+    """Shard `model` across the current process group as `config` (an `FSDPConfig`) says.
+
+    Returns the sharded model: an FSDP1 `FullyShardedDataParallel` wrapper, or
+    for FSDP2 the same module object, now an `FSDPModule` with DTensor
+    parameters. Build the optimizer from the returned model's parameters.
+    """
+    if not dist.is_initialized():
+        raise RuntimeError(
+            "shard() needs an initialised process group: run it on the ranks of an "
+            "fsdp_nb Session (%%fsdp cell) or under torchrun"
+        )
+    config.validate_for_world(dist.get_world_size())
+    before = list(model.parameters())  # a tied parameter is listed once
+    units = wrap_units(model, config)  # 1. which submodules get their own unit
+    units = apply_activation_checkpointing(model, units, config)  # 2. recompute per unit
+    if config.fsdp_version == 1:  # 3. shard units, then the root
+        sharded = _apply_fsdp1(model, units, config)
+    else:
+        sharded = _apply_fsdp2(model, units, config, mesh)
+    _remember_replaced(before, sharded)
+    return sharded
+
+
+# ---- 1. wrap units -------------------------------------------------------------
+
+
+def wrap_units(model: nn.Module, config: FSDPConfig) -> list[nn.Module]:
+    """Submodules that become their own FSDP unit, children before parents.
+
+    TRANSFORMER_BASED_WRAP picks modules whose class name is listed in
+    `transformer_cls_names_to_wrap` (default: the model's `_no_split_modules`).
+    SIZE_BASED_WRAP picks, bottom-up, modules holding at least `min_num_params`
+    parameters not already claimed by a smaller unit. NO_WRAP picks none. A
+    torch policy object (`ModuleWrapPolicy`, `CustomPolicy`) or an FSDP1 policy
+    function `fn(module, recurse, nonwrapped_numel) -> bool` is asked the same
+    way FSDP1 asks it. A unit that would split a tied parameter from its other
+    owner is dropped, so the tied parameter stays in the root's group.
+    """
+    policy = config.auto_wrap_policy
+    # every submodule, children first, minus the root (last) and containers: a
+    # ModuleList never runs forward, so FSDP's hooks on it would never fire
+    modules = [m for m in _post_order(model)[:-1] if not isinstance(m, (nn.ModuleList, nn.ModuleDict))]
+    if policy == "NO_WRAP" or policy is None:
+        return []
+    if policy == "TRANSFORMER_BASED_WRAP":
+        names = list(config.transformer_cls_names_to_wrap or getattr(model, "_no_split_modules", None) or [])
+        present = sorted({type(m).__name__ for m in model.modules()})
+        missing = [n for n in names if n not in present]
+        if not names or missing:
+            raise ValueError(
+                f"auto_wrap_policy='TRANSFORMER_BASED_WRAP': transformer_cls_names_to_wrap="
+                f"{names!r} names {missing if names else 'no class'}, which "
+                f"{type(model).__name__} does not contain; its classes are {present}"
+            )
+        units = [m for m in modules if type(m).__name__ in names]
+    elif policy == "SIZE_BASED_WRAP":
+        units = _ask_fsdp1_policy(modules, lambda module, recurse, nonwrapped_numel: nonwrapped_numel >= config.min_num_params)
+    elif hasattr(policy, "_run_policy"):  # torch's ModuleWrapPolicy / CustomPolicy objects
+        chosen = {id(m) for m in policy._run_policy(model, set(), {})}
+        units = [m for m in modules if id(m) in chosen]
+    elif callable(policy):
+        units = _ask_fsdp1_policy(modules, policy)
+    else:
+        raise ValueError(f"auto_wrap_policy={policy!r}: use one of {WRAP_POLICIES} or a torch wrap policy")
+    return [u for u in units if not _splits_a_tie(model, u)]
+
+
+def _ask_fsdp1_policy(modules: list[nn.Module], policy: Any) -> list[nn.Module]:
+    """FSDP1's bottom-up rule: a module is a unit if the policy accepts the count of
+    its parameters that no smaller unit has claimed yet."""
+    units, claimed = [], set()
+    for m in modules:
+        free = [p for p in m.parameters() if id(p) not in claimed]
+        if policy(module=m, recurse=False, nonwrapped_numel=sum(p.numel() for p in free)):
+            units.append(m)
+            claimed.update(id(p) for p in free)
+    return units
+
+
+def _post_order(module: nn.Module) -> list[nn.Module]:
+    out = []
+    for child in module.children():
+        out.extend(_post_order(child))
+    return out + [module]
+
+
+def _splits_a_tie(model: nn.Module, unit: nn.Module) -> bool:
+    """True if `unit` holds a parameter that some module outside `unit` also holds."""
+    inside = {id(m) for m in unit.modules()}
+    owners: dict[int, set[int]] = {}
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            owners.setdefault(id(p), set()).add(id(m))
+    return any(not owners[id(p)] <= inside for p in unit.parameters())
+
+
+# ---- 2. activation checkpointing -------------------------------------------------
+
+
+def apply_activation_checkpointing(model: nn.Module, units: list[nn.Module], config: FSDPConfig) -> list[nn.Module]:
+    """Replace each unit by a `checkpoint_wrapper` of it when `activation_checkpointing`
+    is on; returns the (possibly wrapped) units, which are what gets sharded."""
+    if not config.activation_checkpointing:
+        return units
+    if not units:
+        raise ValueError(
+            "activation_checkpointing=True needs wrap units to checkpoint; "
+            f"auto_wrap_policy={config.auto_wrap_policy!r} selected none"
+        )
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    parent_of = {id(child): (parent, name) for parent in model.modules() for name, child in parent.named_children()}
+    wrapped = []
+    for unit in units:
+        parent, name = parent_of[id(unit)]
+        wrapper = checkpoint_wrapper(unit)  # non-reentrant: works with FSDP's hooks
+        setattr(parent, name, wrapper)
+        parent_of.update({id(c): (wrapper, n) for n, c in wrapper.named_children()})
+        wrapped.append(wrapper)
+    return wrapped
+
+
+# ---- 3. sharding -------------------------------------------------------------------
+
+
+def _dtypes(config: FSDPConfig) -> tuple[torch.dtype, torch.dtype] | None:
+    """`(param_dtype, reduce_dtype)` from `config.mixed_precision`, or None for full fp32.
+
+    The presets "bf16"/"fp16" compute in that dtype and reduce gradients in fp32,
+    so the averaged gradient keeps full precision."""
+    mp = config.mixed_precision
+    return None if mp is None else (mp.param_dtype, mp.reduce_dtype)
+
+
+def compute_device() -> torch.device:
+    """The device this rank computes on: the current CUDA device under nccl, else CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def broadcast_from_rank0(model: nn.Module) -> None:
+    """Overwrite every parameter and buffer with rank 0's values (works on gloo/CPU)."""
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            dist.broadcast(t.data, src=0)
+
+
+def build_on_rank0(factory: Callable[[], nn.Module], config: FSDPConfig) -> nn.Module:
+    """`factory()` on rank 0; with `cpu_ram_efficient_loading` the other ranks build
+    it on the meta device (shapes, no memory) and `shard()` fills them from rank 0."""
+    if config.cpu_ram_efficient_loading and dist.get_rank() != 0:
+        with torch.device("meta"):
+            return factory()
+    return factory()
+
+
+def _materialize(model: nn.Module, device: torch.device) -> None:
+    """Allocate (uninitialised) storage for meta tensors, keeping tied parameters tied:
+    `to_empty` gives each owner of a shared parameter its own new tensor."""
+    owners: dict[int, list[tuple[str, str]]] = {}
+    for module_name, module in model.named_modules():
+        for name, p in module.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append((module_name, name))
+    model.to_empty(device=device)
+    for (first_module, first_name), *others in (o for o in owners.values() if len(o) > 1):
+        shared = getattr(model.get_submodule(first_module), first_name)
+        for module_name, name in others:
+            setattr(model.get_submodule(module_name), name, shared)
+
+
+def _apply_fsdp1(model: nn.Module, units: list[nn.Module], config: FSDPConfig) -> nn.Module:
+    from torch.distributed.fsdp import (BackwardPrefetch, CPUOffload, MixedPrecision,
+                                        ShardingStrategy)
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import CustomPolicy
+
+    device = compute_device()
+    if any(p.is_meta for p in model.parameters()):  # cpu_ram_efficient_loading, ranks != 0
+        _materialize(model, device)  # values arrive with the broadcast below
+    sync = config.sync_module_states
+    if sync and device.type == "cpu":
+        broadcast_from_rank0(model)  # FSDP1's own sync refuses CPU tensors
+        sync = False
+    if config.cpu_offload and device.type == "cpu":
+        warnings.warn("cpu_offload=True is ignored with FSDP1 on CPU: the parameters already live in "
+                      "CPU memory, and FSDP1's offload path needs CUDA", UserWarning, stacklevel=3)
+    dtypes = _dtypes(config)
+    mp = MixedPrecision(param_dtype=dtypes[0], reduce_dtype=dtypes[1], buffer_dtype=dtypes[0]) if dtypes else None
+    unit_ids = {id(u) for u in units}
+    strategy, prefetch = config.sharding_strategy, config.backward_prefetch
+    try:
+        return FSDP(
+            model,
+            device_id=device,
+            auto_wrap_policy=CustomPolicy(lambda m: id(m) in unit_ids) if units else None,
+            # torch spells HYBRID_SHARD_ZERO2 with a leading underscore
+            sharding_strategy=ShardingStrategy[strategy if strategy in ShardingStrategy.__members__ else '_' + strategy],
+            backward_prefetch=BackwardPrefetch[prefetch] if prefetch else None,
+            forward_prefetch=config.forward_prefetch,
+            mixed_precision=mp,
+            cpu_offload=CPUOffload(offload_params=config.cpu_offload and device.type != "cpu"),
+            use_orig_params=config.use_orig_params,
+            sync_module_states=sync,
+            ignored_modules=_ignored_modules(model, config),
+        )
+    except ValueError as err:
+        if "requires_grad" in str(err) and not config.use_orig_params:
+            raise ValueError(
+                "FSDP1 with use_orig_params=False flattens each unit's parameters into one "
+                "FlatParameter, which has a single requires_grad flag, so a unit cannot mix "
+                "frozen and trainable parameters. Use use_orig_params=True, or FSDP2 "
+                "(fsdp_version=2), which keeps one DTensor per parameter. "
+                f"(torch said: {err})"
+            ) from err
+        raise
+
+
+def _apply_fsdp2(model: nn.Module, units: list[nn.Module], config: FSDPConfig, mesh: Any) -> nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy,
+                                        fully_shard)
+
+    device = compute_device()
+    mesh = mesh or init_device_mesh(device.type, (dist.get_world_size(),))
+    dtypes = _dtypes(config)
+    ignored = {p for m in _ignored_modules(model, config) for p in m.parameters()}
+    kwargs = dict(
+        mesh=mesh,
+        reshard_after_forward=config.reshard_after_forward,
+        mp_policy=MixedPrecisionPolicy(param_dtype=dtypes[0], reduce_dtype=dtypes[1]) if dtypes else MixedPrecisionPolicy(),
+        # pinned host memory needs CUDA; without it the offload still works, unpinned
+        offload_policy=CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if config.cpu_offload else OffloadPolicy(),
+        ignored_params=ignored or None,
+    )
+    loading = config.cpu_ram_efficient_loading
+    full_state = model.state_dict() if loading and dist.get_rank() == 0 else {}  # full tensors, rank 0 only
+    for unit in units:  # bottom-up: a unit's parameters leave the root's group
+        fully_shard(unit, **kwargs)
+    fully_shard(model, **kwargs)  # the root: everything no unit claimed (tied embeddings too)
+    if loading:  # ranks != 0 hold meta shards: allocate them, then scatter rank 0's weights
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        _materialize(model, device)
+        set_model_state_dict(model, full_state,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    if config.forward_prefetch:
+        # each unit starts the all-gather of the next one before its own forward runs
+        for current, following in zip(units, units[1:]):
+            current.set_modules_to_forward_prefetch([following])
+    return model
+
+
+def _ignored_modules(model: nn.Module, config: FSDPConfig) -> list[nn.Module]:
+    """Submodules whose qualified name fully matches one of `ignored_modules`."""
+    patterns = [re.compile(p) for p in config.ignored_modules or ()]
+    found = [m for name, m in model.named_modules() if name and any(p.fullmatch(name) for p in patterns)]
+    if patterns and not found:
+        raise ValueError(f"ignored_modules={config.ignored_modules!r} matches no submodule of {type(model).__name__}")
+    return found
+
+
+# ---- the stale-optimizer guard [Note: stale optimizers] -----------------------------
+
+_replaced: dict[int, weakref.ref] = {}
+_hook_handle = None
+
+
+def _remember_replaced(before: list[nn.Parameter], sharded: nn.Module) -> None:
+    global _hook_handle
+    current = {id(p) for p in sharded.parameters()}
+    for p in before:
+        if id(p) not in current:
+            _replaced[id(p)] = weakref.ref(p, lambda _, key=id(p): _replaced.pop(key, None))
+    if _hook_handle is None:
+        _hook_handle = register_optimizer_step_pre_hook(_refuse_stale)
+
+
+def _held_replaced(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    held = [p for g in optimizer.param_groups for p in g["params"]]
+    return [p for p in held if (ref := _replaced.get(id(p))) is not None and ref() is p]
+
+
+def _refuse_stale(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    stale = _held_replaced(optimizer)
+    if stale:
+        raise RuntimeError(_stale_message(len(stale), sum(len(g["params"]) for g in optimizer.param_groups)))
+
+
+def _stale_message(n_stale: int, n_held: int) -> str:
+    return (
+        f"this optimizer holds {n_stale} of its {n_held} tensors from before shard(): FSDP replaced "
+        "those parameters, so they get no gradients and step() would silently train nothing. "
+        "Build the optimizer after sharding: optimizer = torch.optim.AdamW(sharded.parameters(), ...)"
+    )
+
+
+def check_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Raise if `optimizer` holds tensors that are not `model`'s current parameters
+    (the sign of an optimizer built before sharding). Returns None when all is well."""
+    current = {id(p) for p in model.parameters()}
+    held = [p for g in optimizer.param_groups for p in g["params"]]
+    stale = [p for p in held if id(p) not in current]
+    if stale:
+        raise RuntimeError(_stale_message(len(stale), len(held)))
