@@ -1,0 +1,117 @@
+"""The `fsdp-nb` command. Each subcommand is one row of `SUBCOMMANDS`.
+
+A row names the subcommand, its one-line help, a function that adds its
+arguments to an argparse parser, and the function that runs it with the parsed
+arguments and returns an exit code. Adding a subcommand is adding a row; the
+module that does the work keeps both functions (`train` lives in fsdp_nb.train).
+
+Errors are one line on stderr and exit code 2, never a traceback: a CLI user
+needs the file and the problem, not our call stack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from fsdp_nb.convert import convert_to_fsdp2
+from fsdp_nb.train import add_train_arguments, cli_train
+
+PROG = "fsdp-nb"
+
+
+class CLIError(Exception):
+    """A problem the user can fix; printed as one line, exit code 2."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Subcommand:
+    """One `fsdp-nb` subcommand."""
+
+    name: str
+    """What the user types after `fsdp-nb`."""
+    help: str
+    """One line for `fsdp-nb --help`."""
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    """Adds the subcommand's flags to its parser."""
+    run: Callable[[argparse.Namespace], int]
+    """Runs it with the parsed flags and returns the exit code; raises CLIError or ValueError for user errors."""
+
+
+def _to_fsdp2_arguments(parser: argparse.ArgumentParser) -> None:
+    # Flag names are `accelerate to-fsdp2`'s, so its users can swap the command name.
+    parser.add_argument("--config_file", required=True, help="the Accelerate FSDP1 config file to convert")
+    parser.add_argument("--output_file", default=None,
+                        help="where to write the FSDP2 config; without it, --overwrite rewrites --config_file")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="allow replacing an existing file (the input itself without --output_file)")
+
+
+def to_fsdp2_command(args: argparse.Namespace) -> int:
+    """Convert an Accelerate FSDP1 YAML file to FSDP2, as `accelerate to-fsdp2` does, and say what changed."""
+    source = Path(args.config_file)
+    if not source.is_file():
+        raise CLIError(f"config file {source} not found")
+    if args.output_file is None and not args.overwrite:
+        raise CLIError("--output_file is required unless --overwrite is set (then the config file is rewritten)")
+    target = Path(args.output_file) if args.output_file is not None else source
+    if target.exists() and not args.overwrite:
+        raise CLIError(f"output file {target} already exists; pass --overwrite to replace it")
+    try:
+        config = yaml.safe_load(source.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise CLIError(f"{source}: not valid YAML ({' '.join(str(err).split())})") from None
+    if not config:
+        raise CLIError(f"{source}: the file is empty")
+    if not isinstance(config, dict):
+        raise CLIError(f"{source}: expected a mapping of Accelerate options, got {type(config).__name__}")
+    new, notes = convert_to_fsdp2(config)
+    target.write_text(yaml.safe_dump(new, sort_keys=False), encoding="utf-8")
+    print(f"{source} -> {target}")
+    for note in notes:
+        print(f"  - {note}")
+    return 0
+
+
+SUBCOMMANDS: tuple[Subcommand, ...] = (
+    Subcommand(name="to-fsdp2", help="convert an Accelerate FSDP1 config file to FSDP2",
+               add_arguments=_to_fsdp2_arguments, run=to_fsdp2_command),
+    Subcommand(name="train", help="train a small GPT from a YAML run file (under torchrun for several ranks)",
+               add_arguments=add_train_arguments, run=cli_train),
+)  # fmt: skip
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse prints usage too; we keep errors to one line
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `fsdp-nb` parser with one subparser per row of SUBCOMMANDS."""
+    parser = _Parser(prog=PROG, description="Learn, inspect and run PyTorch FSDP (FSDP1 and FSDP2).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    for command in SUBCOMMANDS:
+        child = sub.add_parser(command.name, help=command.help, description=command.help)
+        command.add_arguments(child)
+        child.set_defaults(run=command.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `fsdp-nb`; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (CLIError, ValueError, OSError) as err:
+        message = str(err) if not isinstance(err, OSError) else f"{err.strerror or err}: {err.filename}"
+        print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

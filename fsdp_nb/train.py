@@ -1,0 +1,361 @@
+"""`Trainer`: one training loop for a single process, FSDP1 and FSDP2.
+
+The same code runs in a `%%fsdp` cell (the session already made the process
+group), in a plain script, and under torchrun (RANK / WORLD_SIZE / LOCAL_RANK
+in the environment: the Trainer makes the process group itself).
+
+One optimizer step, and why each part is there:
+1. every rank takes its rows of the step's global batch (`fsdp_nb.data`);
+2. the rows are cut into `grad_accum_steps` micro-batches; gradients are only
+   reduced across ranks on the last one (FSDP1 `no_sync()`, FSDP2
+   `set_requires_gradient_sync(False)`), since reducing earlier is wasted traffic;
+3. the gradient norm is clipped over the *whole* model: FSDP1's
+   `clip_grad_norm_` and FSDP2's DTensor grads both all-reduce the shard norms;
+4. AdamW steps on the local shards only (it was built after sharding).
+Each micro-batch loss is a mean over its rows, divided by the number of
+micro-batches, and FSDP averages over ranks: the gradient is the full-batch
+gradient, so a run matches one process on the whole batch.
+
+Rank-0 side effects (progress, printed lines) go through `Trainer._report` only.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fsdp_nb import events
+from fsdp_nb.data import ByteBlocks, ShardedBatches, check_batch_split
+from fsdp_nb.inspect import memory_of
+
+if TYPE_CHECKING:
+    from fsdp_nb.config import FSDPConfig
+
+SCHEDULES = ("cosine", "constant")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """How to train: steps, batch, optimizer, schedule, evaluation."""
+
+    steps: int = 100
+    """Number of optimizer steps."""
+    global_batch_size: int = 8
+    """Rows per optimizer step summed over all ranks and micro-batches."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step; gradients are reduced on the last one only."""
+    lr: float = 3e-3
+    """Peak learning rate (AdamW)."""
+    min_lr: float = 0.0
+    """Learning rate the cosine schedule decays to at the last step."""
+    warmup_steps: int = 0
+    """Steps of linear warm-up from lr/warmup_steps to lr."""
+    schedule: str = "cosine"
+    """After warm-up: 'cosine' (decay to min_lr) or 'constant'."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay, applied to every trainable parameter (FSDP1's flat
+    parameters cannot be told apart by shape, so there is a single group)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    clip_norm: float | None = None
+    """Clip the global gradient norm to this value; None records the norm without clipping."""
+    eval_interval: int = 0
+    """Evaluate on the validation data every this many steps and after the last; 0 never."""
+    eval_batches: int = 2
+    """Global batches of validation data per evaluation."""
+    seed: int = 0
+    """Seed of the data order (and of the model in `cli_train`)."""
+    log_interval: int = 1
+    """Print (or emit) a progress line every this many steps (and at the last); 0 never."""
+
+    def __post_init__(self):
+        for name in ("steps", "global_batch_size", "grad_accum_steps", "eval_batches"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"TrainConfig: {name}={value!r} must be an int >= 1")
+        for name in ("warmup_steps", "eval_interval", "seed", "log_interval"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"TrainConfig: {name}={value!r} must be an int >= 0")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"TrainConfig: schedule={self.schedule!r}; accepted: {SCHEDULES}")
+        if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
+            raise ValueError(f"TrainConfig: need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ValueError(f"TrainConfig: clip_norm={self.clip_norm!r} must be > 0 or None")
+        object.__setattr__(self, "betas", tuple(self.betas))
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Learning rate for 0-based `step`: linear warm-up, then cosine to min_lr (or constant)."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    if config.schedule == "constant":
+        return config.lr
+    decay_steps = max(1, config.steps - config.warmup_steps - 1)
+    progress = min(1.0, (step - config.warmup_steps) / decay_steps)
+    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def init_distributed() -> tuple[int, int]:
+    """(rank, world_size). Uses the existing process group (a session rank), makes one
+    from torchrun's environment variables, or returns (0, 1) for a plain process."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def fsdp_version_of(model: nn.Module) -> int:
+    """1 for an FSDP1 wrapper, 2 for an FSDP2 module, 0 for anything else (plain, DDP)."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    return 1 if isinstance(model, FSDP) else 2 if isinstance(model, FSDPModule) else 0
+
+
+def _is_ddp(model: nn.Module) -> bool:
+    return isinstance(model, nn.parallel.DistributedDataParallel)
+
+
+class Trainer:
+    """Trains a model that returns `(logits, loss)` on `(x, y)` batches.
+
+    `Trainer(model, data, TrainConfig(...), fsdp=FSDPConfig(...))` shards the
+    model first (see `fsdp_nb.shard`) and builds AdamW afterwards, from the
+    sharded parameters. Without `fsdp`, `model` is used as given: a plain module
+    in a single process, or a model you sharded yourself. `fit()` returns the
+    history: one dict per step with loss (the global-batch mean, identical on
+    every rank), lr, grad_norm, step_time_s, tokens_per_s and this rank's memory
+    (`fsdp_nb.inspect.memory_of`).
+    """
+
+    def __init__(self, model: nn.Module, data: ByteBlocks, config: TrainConfig, *,
+                 fsdp: FSDPConfig | None = None, val_data: ByteBlocks | None = None, mesh=None):
+        self.config = config
+        self.rank, self.world_size = init_distributed()
+        self.master_process = self.rank == 0  # gates every rank-0 side effect, in _report
+        check_batch_split(config.global_batch_size, self.world_size, config.grad_accum_steps)
+        if fsdp is not None:
+            from fsdp_nb.sharding import compute_device, shard
+
+            self.device = compute_device()
+            model = shard(model, fsdp, mesh=mesh)
+        elif self.world_size > 1 and not (fsdp_version_of(model) or _is_ddp(model)):
+            raise ValueError(
+                f"Trainer: world_size={self.world_size} but the model is neither sharded nor "
+                "DDP-wrapped, so ranks would train apart; pass fsdp=FSDPConfig(...)"
+            )
+        else:
+            self.device = next(model.parameters()).device
+        self.model = model
+        self.fsdp_version = fsdp_version_of(model)
+        # AdamW after sharding, from the sharded parameters [Note: stale optimizers]
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=config.lr, betas=config.betas,
+                                           weight_decay=config.weight_decay)
+        split = dict(global_batch_size=config.global_batch_size, rank=self.rank,
+                     world_size=self.world_size, seed=config.seed)
+        self.train_batches = ShardedBatches(data, **split)
+        self.val_batches = ShardedBatches(val_data, shuffle=False, **split) if val_data is not None else None
+        self.history: list[dict] = []
+
+    # ---- one optimizer step ----------------------------------------------------
+
+    def _sync_gradients(self, last_micro_step: bool):
+        """Context for one micro-step's backward: reduce gradients only on the last."""
+        if self.fsdp_version == 2:
+            self.model.set_requires_gradient_sync(last_micro_step)
+        if (self.fsdp_version == 1 or _is_ddp(self.model)) and not last_micro_step:
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
+    def _clip(self) -> float:
+        """Global gradient norm before clipping (clips when `clip_norm` is set)."""
+        max_norm = self.config.clip_norm or float("inf")
+        if self.fsdp_version == 1:
+            norm = self.model.clip_grad_norm_(max_norm)  # all-reduces the flat shards' norms
+        else:
+            norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None], max_norm)
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a replicated DTensor
+        return float(norm)
+
+    def _mean_over_ranks(self, value: torch.Tensor) -> float:
+        if self.world_size > 1:
+            value = value.clone()
+            dist.all_reduce(value)
+            value /= self.world_size
+        return float(value)
+
+    def train_step(self, step: int) -> dict:
+        """One optimizer step on global batch `step` (0-based); returns its record."""
+        cfg = self.config
+        lr = lr_at(step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        start = time.perf_counter()
+        self.model.train()
+        x, y = self.train_batches.batch(step, self.device)  # (b, T) rows of this rank
+        loss_sum = torch.zeros((), device=self.device)
+        for k, (xm, ym) in enumerate(zip(x.chunk(cfg.grad_accum_steps), y.chunk(cfg.grad_accum_steps))):
+            with self._sync_gradients(last_micro_step=k == cfg.grad_accum_steps - 1):
+                _, loss = self.model(xm, ym)  # mean over this micro-batch
+                (loss / cfg.grad_accum_steps).backward()
+            loss_sum += loss.detach().float() / cfg.grad_accum_steps
+        grad_norm = self._clip()
+        self.optimizer.step()
+        mean_loss = self._mean_over_ranks(loss_sum)  # the global-batch loss; waits for every rank
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        memory = memory_of(self.model, self.optimizer)  # before zero_grad frees the grads
+        self.optimizer.zero_grad(set_to_none=True)
+        tokens = cfg.global_batch_size * x.shape[1]
+        return {"step": step + 1, "loss": mean_loss, "lr": lr, "grad_norm": grad_norm,
+                "step_time_s": elapsed, "tokens_per_s": tokens / elapsed,
+                # this rank's storages (padding included); the rest of the model lives elsewhere
+                "param_bytes": memory.params.total, "grad_bytes": memory.grads.total,
+                "optim_bytes": memory.optimizer.total, "padding_bytes": memory.params.padding}
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over `eval_batches` global batches of the validation data."""
+        if self.val_batches is None:
+            raise ValueError("Trainer.evaluate: no val_data was given")
+        self.model.eval()
+        total = torch.zeros((), device=self.device)
+        for k in range(self.config.eval_batches):
+            x, y = self.val_batches.batch(k, self.device)  # (b, T)
+            total += self.model(x, y)[1].float()
+        return self._mean_over_ranks(total / self.config.eval_batches)
+
+    def fit(self) -> list[dict]:
+        """Run the remaining steps; returns (and keeps in `self.history`) one record per step."""
+        cfg = self.config
+        for step in range(len(self.history), cfg.steps):
+            record = self.train_step(step)
+            last = step + 1 == cfg.steps
+            if cfg.eval_interval and self.val_batches is not None and ((step + 1) % cfg.eval_interval == 0 or last):
+                record["val_loss"] = self.evaluate()
+            self.history.append(record)
+            self._report(record)
+        return self.history
+
+    def _report(self, record: dict) -> None:
+        """The single place for rank-0 side effects: notebook events, or a printed line."""
+        if not self.master_process:
+            return
+        step, total = record["step"], self.config.steps
+        every = self.config.log_interval
+        if not every or (step % every and step != total):
+            return
+        mem_mb = (record["param_bytes"] + record["grad_bytes"] + record["optim_bytes"]) / 2**20
+        metrics = {k: record[k] for k in ("loss", "lr", "grad_norm", "tokens_per_s") if k in record}
+        if "val_loss" in record:
+            metrics["val_loss"] = record["val_loss"]
+        if events.emit("progress", step=step, total=total, desc="train"):
+            events.emit("metrics", step=step, mem_mb=mem_mb, **metrics)
+            return
+        val = f" val_loss {record['val_loss']:.4f}" if "val_loss" in record else ""
+        print(f"step {step:>{len(str(total))}}/{total} loss {record['loss']:.4f}{val} "
+              f"lr {record['lr']:.2e} grad_norm {record['grad_norm']:.3f} "
+              f"{record['tokens_per_s']:,.0f} tok/s rank0 mem {mem_mb:.2f} MB", flush=True)
+
+
+# ---- command line: `fsdp-nb train --config FILE` ---------------------------------
+#
+# The config file is YAML with four sections, each optional:
+#
+#   model:            # GPTConfig fields; `size: debug` starts from GPTConfig.debug()
+#     size: debug
+#   data:             # source: "stdlib" or a text file; max_bytes; val_fraction
+#     source: stdlib
+#     max_bytes: 200000
+#     val_fraction: 0.1
+#   train:            # TrainConfig fields
+#     steps: 20
+#     global_batch_size: 8
+#   fsdp:             # FSDPConfig fields; leave out to train one unsharded process
+#     fsdp_version: 2
+#     auto_wrap_policy: TRANSFORMER_BASED_WRAP
+#
+# Run it on 2 CPU ranks:
+#   OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 2 -m fsdp_nb.cli train --config run.yaml
+
+
+def load_run_file(path: str) -> dict:
+    """Read a run file into {"model": GPTConfig, "data": dict, "train": TrainConfig, "fsdp": FSDPConfig | None}."""
+    import yaml
+
+    from fsdp_nb.config import FSDPConfig
+    from fsdp_nb.models import GPTConfig
+
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    unknown = sorted(set(raw) - {"model", "data", "train", "fsdp"})
+    if unknown:
+        raise ValueError(f"{path}: unknown sections {unknown}; accepted: model, data, train, fsdp")
+    model = dict(raw.get("model") or {})
+    size = model.pop("size", "default")
+    if size not in ("debug", "default"):
+        raise ValueError(f"{path}: model.size={size!r}; accepted: debug, default")
+    data = {"source": "stdlib", "max_bytes": 1_000_000, "val_fraction": 0.1, **(raw.get("data") or {})}
+    return {
+        "model": GPTConfig.debug(**model) if size == "debug" else GPTConfig(**model),
+        "data": data,
+        "train": TrainConfig(**(raw.get("train") or {})),
+        "fsdp": FSDPConfig.from_dict(raw["fsdp"]) if raw.get("fsdp") else None,
+    }
+
+
+def add_train_arguments(parser) -> None:
+    """Add the `train` command's flags to an argparse parser."""
+    parser.add_argument("--config", required=True, help="YAML run file (sections model, data, train, fsdp)")
+    parser.add_argument("--steps", type=int, default=None, help="override train.steps")
+    parser.add_argument("--history", default=None, help="rank 0 writes the per-step history here as JSON")
+
+
+def cli_train(args) -> int:
+    """Train the GPT described by `args.config`; returns the exit status."""
+    import dataclasses
+    import gc
+    import json
+
+    from fsdp_nb.data import load_corpus
+    from fsdp_nb.models import GPT
+
+    run = load_run_file(args.config)
+    if run["fsdp"] is not None and "RANK" not in os.environ and not dist.is_initialized():
+        raise ValueError(
+            f"{args.config} has an fsdp section, which needs several ranks: run "
+            f"`torchrun --standalone --nproc-per-node 2 -m fsdp_nb.cli train --config {args.config}`, "
+            "or remove the fsdp section to train in one process"
+        )
+    config = run["train"] if args.steps is None else dataclasses.replace(run["train"], steps=args.steps)
+    blocks = ByteBlocks(load_corpus(run["data"]["source"], run["data"]["max_bytes"]), run["model"].block_size)
+    train_data, val_data = blocks.split(run["data"]["val_fraction"])
+    trainer = Trainer(GPT(run["model"], seed=config.seed), train_data, config, fsdp=run["fsdp"], val_data=val_data)
+    history = trainer.fit()
+    if args.history and trainer.master_process:
+        with open(args.history, "w") as f:
+            json.dump(history, f, indent=1)
+    if dist.is_initialized():
+        # Free FSDP's state (it holds tensors of finished collectives) while the
+        # process group still exists; gloo can abort at exit otherwise.
+        del trainer
+        gc.collect()
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
