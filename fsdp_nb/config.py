@@ -13,7 +13,8 @@ other is None. So `dataclasses.replace(config, ...)` on a validated config never
 sees a conflict, and `replace(config, fsdp_version=2)` migrates an FSDP1 config
 by the table (strategy -> bool as `accelerate to-fsdp2` maps it).
 
-This module is pure: it imports torch for dtypes only, never process state.
+This module is pure: no process state. Dtype handling lives in precision.py,
+the shared field checks in validate.py.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ import re
 import warnings
 from typing import Any, Callable, Mapping
 
-import torch
+from fsdp_nb.precision import MixedPrecision, mixed_precision_of
+from fsdp_nb.validate import FALSE_WORDS, TRUE_WORDS, check_bool, choice, invalid, name_list, parse_bool
 
 FSDP_VERSIONS = (1, 2)
 # Ordered as torch's ShardingStrategy values 1..5 (torch spells 5 `_HYBRID_SHARD_ZERO2`).
@@ -61,114 +63,6 @@ IGNORED_IN_FSDP2 = {
 }  # fmt: skip
 BOOL_FIELDS = ("forward_prefetch", "cpu_offload", "activation_checkpointing",
                "cpu_ram_efficient_loading", "use_orig_params", "sync_module_states")  # fmt: skip
-_DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-}  # fmt: skip
-_ALLOWED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Accelerate's `str_to_bool` words.
-TRUE_WORDS = ("y", "yes", "t", "true", "on", "1")
-FALSE_WORDS = ("n", "no", "f", "false", "off", "0")
-
-
-def _fail(field: str, value: Any, accepted: str, why: str = "") -> ValueError:
-    """The one error shape of this module: field, bad value, accepted values."""
-    why = f" ({why})" if why else ""
-    return ValueError(f"{field}={value!r} is not valid{why}; accepted: {accepted}")
-
-
-def _choice(field: str, value: Any, names: tuple[str, ...], by_int: Mapping[int, str] | None = None) -> str:
-    """Canonical upper-case name: a name in any case, a torch enum member, or its torch int value."""
-    raw, by_int = value, by_int or {}
-    if isinstance(value, enum.Enum):
-        value = value.name.lstrip("_")
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    if isinstance(value, int) and not isinstance(value, bool) and value in by_int:
-        return by_int[value]
-    if isinstance(value, str) and value.strip().upper() in names:
-        return value.strip().upper()
-    ints = f" or the ints {sorted(by_int)}" if by_int else ""
-    raise _fail(field, raw, ", ".join(names) + ints)
-
-
-def parse_bool(field: str, text: str) -> bool:
-    """Accelerate's truth words (its `str_to_bool`), case-insensitive."""
-    word = str(text).strip().lower()
-    if word in TRUE_WORDS or word in FALSE_WORDS:
-        return word in TRUE_WORDS
-    raise _fail(field, text, ", ".join(TRUE_WORDS + FALSE_WORDS))
-
-
-def _check_bool(field: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise _fail(field, value, "True or False")
-
-
-def _dtype(field: str, value: Any) -> torch.dtype:
-    dtype = _DTYPES.get(value.lower()) if isinstance(value, str) else value
-    if dtype not in _ALLOWED_DTYPES:
-        raise _fail(field, value, "torch.float32, torch.bfloat16, torch.float16 (or 'fp32', 'bf16', 'fp16')")
-    return dtype
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class MixedPrecision:
-    """The dtypes FSDP uses for compute and for gradient communication."""
-
-    param_dtype: torch.dtype
-    """dtype the gathered parameters are cast to for forward and backward compute."""
-    reduce_dtype: torch.dtype = torch.float32
-    """dtype of the gradient reduce-scatter. fp32 by default (Accelerate reduces in the
-    param dtype): summing low-precision gradients across ranks drops bits that the fp32
-    sharded optimizer step would keep."""
-    output_dtype: torch.dtype | None = None
-    """dtype the forward outputs are cast to (FSDP2's `output_dtype`); None leaves them as computed."""
-
-    def __post_init__(self):
-        object.__setattr__(self, "param_dtype", _dtype("mixed_precision.param_dtype", self.param_dtype))
-        object.__setattr__(self, "reduce_dtype", _dtype("mixed_precision.reduce_dtype", self.reduce_dtype))
-        if self.output_dtype is not None:
-            object.__setattr__(self, "output_dtype", _dtype("mixed_precision.output_dtype", self.output_dtype))
-
-
-def _mixed_precision(value: Any) -> MixedPrecision | None:
-    """None, a preset name, a MixedPrecision, a dict of its fields or a (param, reduce[, output]) tuple."""
-    accepted = ("'no', 'bf16', 'fp16', a MixedPrecision, a dict of its fields "
-                "or a (param, reduce[, output]) dtype tuple")  # fmt: skip
-    if value is None or isinstance(value, MixedPrecision):
-        return value
-    if isinstance(value, str):
-        name = value.strip().lower()
-        if name == "no":
-            return None
-        if name in ("bf16", "fp16"):
-            return MixedPrecision(param_dtype=_DTYPES[name])
-        why = "fp8 needs float8 linear layers that fsdp_nb does not set up; use bf16" if name == "fp8" else ""
-        raise _fail("mixed_precision", value, accepted, why)
-    if isinstance(value, Mapping):
-        unknown = sorted(set(value) - {"param_dtype", "reduce_dtype", "output_dtype"})
-        if unknown or "param_dtype" not in value:
-            why = f"unknown keys {unknown}" if unknown else "param_dtype is required"
-            raise _fail("mixed_precision", dict(value), accepted, why)
-        return MixedPrecision(**value)
-    if isinstance(value, (tuple, list)) and 1 <= len(value) <= 3:
-        return MixedPrecision(**dict(zip(("param_dtype", "reduce_dtype", "output_dtype"), value)))
-    raise _fail("mixed_precision", value, accepted)
-
-
-def _names(field: str, value: Any, *, comma_separated: bool) -> tuple[str, ...] | None:
-    """None, one string (split on commas when asked), or an iterable of strings -> a tuple."""
-    if value is None:
-        return None
-    raw = value
-    if isinstance(value, str):
-        value = value.split(",") if comma_separated else [value]
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v.strip() for v in value):
-        also = " or a comma-separated string" if comma_separated else ""
-        raise _fail(field, raw, f"a list of non-empty strings{also}")
-    return tuple(v.strip() for v in value)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -222,10 +116,10 @@ class FSDPConfig:
     def __post_init__(self):
         put = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
         if type(self.fsdp_version) is not int or self.fsdp_version not in FSDP_VERSIONS:
-            raise _fail("fsdp_version", self.fsdp_version, "1 or 2")
+            raise invalid("fsdp_version", self.fsdp_version, "1 or 2")
         strategy = self.sharding_strategy
         if strategy is not None:
-            strategy = _choice("sharding_strategy", strategy, SHARDING_STRATEGIES,
+            strategy = choice("sharding_strategy", strategy, SHARDING_STRATEGIES,
                                dict(enumerate(SHARDING_STRATEGIES, 1)))  # fmt: skip
         reshard = self._checked_reshard()
         if self.fsdp_version == 1:
@@ -237,19 +131,19 @@ class FSDPConfig:
 
         prefetch = self.backward_prefetch
         if prefetch is not None:
-            prefetch = _choice("backward_prefetch", prefetch, BACKWARD_PREFETCH,
+            prefetch = choice("backward_prefetch", prefetch, BACKWARD_PREFETCH,
                                {1: "BACKWARD_PRE", 2: "BACKWARD_POST"})  # fmt: skip
         put("backward_prefetch", None if prefetch == "NO_PREFETCH" else prefetch)
         for name in BOOL_FIELDS:
-            _check_bool(name, getattr(self, name))
+            check_bool(name, getattr(self, name))
 
         policy = "NO_WRAP" if self.auto_wrap_policy is None else self.auto_wrap_policy
         if not callable(policy):
-            put("auto_wrap_policy", _choice("auto_wrap_policy", policy, AUTO_WRAP_POLICIES))
-        names = _names("transformer_cls_names_to_wrap", self.transformer_cls_names_to_wrap, comma_separated=True)
+            put("auto_wrap_policy", choice("auto_wrap_policy", policy, AUTO_WRAP_POLICIES))
+        names = name_list("transformer_cls_names_to_wrap", self.transformer_cls_names_to_wrap, comma_separated=True)
         for name in names or ():
             if not name.isidentifier():
-                raise _fail("transformer_cls_names_to_wrap", name, "Python class names such as 'Block'")
+                raise invalid("transformer_cls_names_to_wrap", name, "Python class names such as 'Block'")
         if names and self.auto_wrap_policy != "TRANSFORMER_BASED_WRAP":
             warnings.warn(f"transformer_cls_names_to_wrap={list(names)} is ignored: auto_wrap_policy is "
                           f"{self.auto_wrap_policy!r}, not 'TRANSFORMER_BASED_WRAP'",
@@ -259,21 +153,21 @@ class FSDPConfig:
         if isinstance(mnp, float) and mnp.is_integer():
             put("min_num_params", mnp := int(mnp))
         if type(mnp) is not int or mnp < 0:
-            raise _fail("min_num_params", mnp, "an int >= 0")
+            raise invalid("min_num_params", mnp, "an int >= 0")
 
-        put("mixed_precision", _mixed_precision(self.mixed_precision))
+        put("mixed_precision", mixed_precision_of(self.mixed_precision))
         if self.state_dict_type is not None and _is_local(self.state_dict_type):
-            raise _fail("state_dict_type", self.state_dict_type, ", ".join(STATE_DICT_TYPES),
+            raise invalid("state_dict_type", self.state_dict_type, ", ".join(STATE_DICT_TYPES),
                         "LOCAL_STATE_DICT is obsolete: it saves FSDP1's flat shards, which only the same world "
                         "size and wrapping can read, and FSDP2 has no equivalent; use SHARDED_STATE_DICT")  # fmt: skip
-        put("state_dict_type", _choice("state_dict_type", self.state_dict_type, STATE_DICT_TYPES,
+        put("state_dict_type", choice("state_dict_type", self.state_dict_type, STATE_DICT_TYPES,
                                        {1: "FULL_STATE_DICT", 3: "SHARDED_STATE_DICT"}))  # fmt: skip
-        modules = _names("ignored_modules", self.ignored_modules, comma_separated=False)
+        modules = name_list("ignored_modules", self.ignored_modules, comma_separated=False)
         for pattern in modules or ():
             try:
                 re.compile(pattern)
             except re.error as err:
-                raise _fail("ignored_modules", pattern, "module names or valid regular expressions", str(err)) \
+                raise invalid("ignored_modules", pattern, "module names or valid regular expressions", str(err)) \
                     from None  # fmt: skip
         put("ignored_modules", modules)
         self._apply_version_rules()
@@ -290,17 +184,17 @@ class FSDPConfig:
             value = int(value)
         if isinstance(value, int):
             if value < 2:
-                raise _fail("reshard_after_forward", value, accepted, "an int n reshards to n ranks: 1 is False")
+                raise invalid("reshard_after_forward", value, accepted, "an int n reshards to n ranks: 1 is False")
             return value
         if isinstance(value, (str, enum.Enum)):
             name = value.name.lstrip("_") if isinstance(value, enum.Enum) else value.strip().upper()
             if name in SHARDING_STRATEGIES:
                 return name
-        raise _fail("reshard_after_forward", self.reshard_after_forward, accepted)
+        raise invalid("reshard_after_forward", self.reshard_after_forward, accepted)
 
     def _fsdp1_strategy(self, strategy: str | None, reshard: bool | int | str | None) -> str:
         if isinstance(reshard, int) and not isinstance(reshard, bool):
-            raise _fail("reshard_after_forward", reshard, "True, False or a sharding-strategy name",
+            raise invalid("reshard_after_forward", reshard, "True, False or a sharding-strategy name",
                         "resharding to a smaller world is FSDP2 only; set fsdp_version=2")  # fmt: skip
         from_reshard = {True: "FULL_SHARD", False: "SHARD_GRAD_OP"}.get(reshard, reshard)
         if strategy is not None and from_reshard is not None:
@@ -346,7 +240,7 @@ class FSDPConfig:
     def validate_for_world(self, world_size: int) -> None:
         """Checks that need the world size; raises ValueError naming the field."""
         if type(world_size) is not int or world_size < 1:
-            raise _fail("world_size", world_size, "an int >= 1")
+            raise invalid("world_size", world_size, "an int >= 1")
         n = self.reshard_after_forward
         if isinstance(n, int) and not isinstance(n, bool):
             divisors = [d for d in range(2, world_size) if world_size % d == 0]
@@ -360,7 +254,7 @@ class FSDPConfig:
     def from_dict(cls, d: Mapping[str, Any]) -> FSDPConfig:
         """Build from a dict of field names; an unknown key raises ValueError with close matches."""
         if not isinstance(d, Mapping):
-            raise _fail("FSDPConfig.from_dict argument", d, "a dict of FSDPConfig field names")
+            raise invalid("FSDPConfig.from_dict argument", d, "a dict of FSDPConfig field names")
         names = [f.name for f in dataclasses.fields(cls)]
         for key in d:
             if key not in names:
