@@ -138,12 +138,15 @@ class Trainer:
     in a single process, or a model you sharded yourself. `fit()` returns the
     history: one dict per step with loss (the global-batch mean, identical on
     every rank), lr, grad_norm, step_time_s, tokens_per_s and this rank's memory
-    (`fsdp_nb.inspect.memory_of`).
+    (`fsdp_nb.inspect.memory_of`). `name` labels the run's curve in the notebook,
+    so runs from several cells overlay in one live plot.
     """
 
     def __init__(self, model: nn.Module, data: ByteBlocks, config: TrainConfig, *,
-                 fsdp: FSDPConfig | None = None, val_data: ByteBlocks | None = None, mesh=None):
+                 fsdp: FSDPConfig | None = None, val_data: ByteBlocks | None = None, mesh=None,
+                 name: str | None = None):
         self.config = config
+        self.name = name  # labels this run's curve in the notebook's live plot
         self.rank, self.world_size = init_distributed()
         self.master_process = self.rank == 0  # gates every rank-0 side effect, in _report
         check_batch_split(config.global_batch_size, self.world_size, config.grad_accum_steps)
@@ -265,97 +268,9 @@ class Trainer:
         if "val_loss" in record:
             metrics["val_loss"] = record["val_loss"]
         if events.emit("progress", step=step, total=total, desc="train"):
-            events.emit("metrics", step=step, mem_mb=mem_mb, **metrics)
+            events.emit("metrics", step=step, mem_mb=mem_mb, **metrics, **({"run": self.name} if self.name else {}))
             return
         val = f" val_loss {record['val_loss']:.4f}" if "val_loss" in record else ""
         print(f"step {step:>{len(str(total))}}/{total} loss {record['loss']:.4f}{val} "
               f"lr {record['lr']:.2e} grad_norm {record['grad_norm']:.3f} "
               f"{record['tokens_per_s']:,.0f} tok/s rank0 mem {mem_mb:.2f} MB", flush=True)
-
-
-# ---- command line: `fsdp-nb train --config FILE` ---------------------------------
-#
-# The config file is YAML with four sections, each optional:
-#
-#   model:            # GPTConfig fields; `size: debug` starts from GPTConfig.debug()
-#     size: debug
-#   data:             # source: "stdlib" or a text file; max_bytes; val_fraction
-#     source: stdlib
-#     max_bytes: 200000
-#     val_fraction: 0.1
-#   train:            # TrainConfig fields
-#     steps: 20
-#     global_batch_size: 8
-#   fsdp:             # FSDPConfig fields; leave out to train one unsharded process
-#     fsdp_version: 2
-#     auto_wrap_policy: TRANSFORMER_BASED_WRAP
-#
-# Run it on 2 CPU ranks:
-#   OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 2 -m fsdp_nb.cli train --config run.yaml
-
-
-def load_run_file(path: str) -> dict:
-    """Read a run file into {"model": GPTConfig, "data": dict, "train": TrainConfig, "fsdp": FSDPConfig | None}."""
-    import yaml
-
-    from fsdp_nb.config import FSDPConfig
-    from fsdp_nb.models import GPTConfig
-
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
-    unknown = sorted(set(raw) - {"model", "data", "train", "fsdp"})
-    if unknown:
-        raise ValueError(f"{path}: unknown sections {unknown}; accepted: model, data, train, fsdp")
-    model = dict(raw.get("model") or {})
-    size = model.pop("size", "default")
-    if size not in ("debug", "default"):
-        raise ValueError(f"{path}: model.size={size!r}; accepted: debug, default")
-    data = {"source": "stdlib", "max_bytes": 1_000_000, "val_fraction": 0.1, **(raw.get("data") or {})}
-    return {
-        "model": GPTConfig.debug(**model) if size == "debug" else GPTConfig(**model),
-        "data": data,
-        "train": TrainConfig(**(raw.get("train") or {})),
-        "fsdp": FSDPConfig.from_dict(raw["fsdp"]) if raw.get("fsdp") else None,
-    }
-
-
-def add_train_arguments(parser) -> None:
-    """Add the `train` command's flags to an argparse parser."""
-    parser.add_argument("--config", required=True, help="YAML run file (sections model, data, train, fsdp)")
-    parser.add_argument("--steps", type=int, default=None, help="override train.steps")
-    parser.add_argument("--history", default=None, help="rank 0 writes the per-step history here as JSON")
-
-
-def cli_train(args) -> int:
-    """Train the GPT described by `args.config`; returns the exit status."""
-    import dataclasses
-    import gc
-    import json
-
-    from fsdp_nb.data import load_corpus
-    from fsdp_nb.models import GPT
-
-    run = load_run_file(args.config)
-    if run["fsdp"] is not None and "RANK" not in os.environ and not dist.is_initialized():
-        raise ValueError(
-            f"{args.config} has an fsdp section, which needs several ranks: run "
-            f"`torchrun --standalone --nproc-per-node 2 -m fsdp_nb.cli train --config {args.config}`, "
-            "or remove the fsdp section to train in one process"
-        )
-    config = run["train"] if args.steps is None else dataclasses.replace(run["train"], steps=args.steps)
-    blocks = ByteBlocks(load_corpus(run["data"]["source"], run["data"]["max_bytes"]), run["model"].block_size)
-    train_data, val_data = blocks.split(run["data"]["val_fraction"])
-    trainer = Trainer(GPT(run["model"], seed=config.seed), train_data, config, fsdp=run["fsdp"], val_data=val_data)
-    history = trainer.fit()
-    if args.history and trainer.master_process:
-        with open(args.history, "w") as f:
-            json.dump(history, f, indent=1)
-    if dist.is_initialized():
-        # Free FSDP's state (it holds tensors of finished collectives) while the
-        # process group still exists; gloo can abort at exit otherwise.
-        del trainer
-        gc.collect()
-        dist.barrier()
-        dist.destroy_process_group()
-    return 0
-

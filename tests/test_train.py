@@ -17,7 +17,8 @@ import torch
 from fsdp_nb.data import ByteBlocks, stdlib_corpus
 from fsdp_nb.models import GPT, GPTConfig
 from fsdp_nb.output import Silent
-from fsdp_nb.train import TrainConfig, Trainer, load_run_file, lr_at
+from fsdp_nb.runfile import load_run_file
+from fsdp_nb.train import TrainConfig, Trainer, lr_at
 
 TOL = dict(rtol=1e-5, atol=1e-5)  # fp32; what the brief promises
 TRAIN = dict(steps=10, global_batch_size=6, lr=1e-3, weight_decay=0.1, warmup_steps=2,
@@ -33,9 +34,9 @@ from fsdp_nb.data import ByteBlocks, stdlib_corpus
 from fsdp_nb.models import GPT, GPTConfig
 from fsdp_nb.train import Trainer, TrainConfig
 
-def train_run(train, fsdp):
+def train_run(train, fsdp, name=None):
     data = ByteBlocks(stdlib_corpus({CORPUS_BYTES}), 16)
-    trainer = Trainer(GPT(GPTConfig.debug(), seed=0), data, TrainConfig(**train), fsdp=FSDPConfig(**fsdp))
+    trainer = Trainer(GPT(GPTConfig.debug(), seed=0), data, TrainConfig(**train), fsdp=FSDPConfig(**fsdp), name=name)
     history = trainer.fit()
     full = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True))
     return history, {{k: v.detach().clone() for k, v in full.items()}}
@@ -170,7 +171,7 @@ def test_memory_is_sharded(session):
 @pytest.mark.timeout(60)
 def test_progress_and_metrics_reach_the_notebook_from_rank_0(session, recorder):
     train = {**TRAIN, "steps": 4, "log_interval": 2}
-    source = RANK_SETUP + f"history, params = train_run({train!r}, dict(fsdp_version=2))"
+    source = RANK_SETUP + f"history, params = train_run({train!r}, dict(fsdp_version=2), name='fsdp2 run')"
     result = session.run(source, output=recorder).raise_errors()
     progress = [(r, p["step"], p["total"]) for r, kind, p in result.events if kind == "progress"]
     metrics = [(r, p) for r, kind, p in result.events if kind == "metrics"]
@@ -178,6 +179,7 @@ def test_progress_and_metrics_reach_the_notebook_from_rank_0(session, recorder):
     assert [r for r, _ in metrics] == [0, 0]
     assert metrics[-1][1]["loss"] == session.eval("history[-1]['loss']")[0]
     assert {"tokens_per_s", "mem_mb", "lr", "grad_norm"} <= set(metrics[-1][1])
+    assert metrics[-1][1]["run"] == "fsdp2 run"  # the live plot's curve label
     assert "loss" not in recorder.text(0) + recorder.text(1)  # events replace the printed line
 
 
@@ -219,7 +221,7 @@ def test_cli_under_torchrun_matches_the_session(session, tmp_path):
     assert "step 6/6 loss" in done.stdout and done.stdout.count("val_loss") == 2  # rank 0 prints, once
     from_torchrun = json.loads((tmp_path / "history.json").read_text())
     run(session, RANK_SETUP, f"""
-    from fsdp_nb.train import load_run_file
+    from fsdp_nb.runfile import load_run_file
     spec = load_run_file({str(tmp_path / 'run.yaml')!r})
     blocks = ByteBlocks(stdlib_corpus({CORPUS_BYTES}), 16)
     train_data, val_data = blocks.split(0.1)
