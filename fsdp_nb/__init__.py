@@ -20,6 +20,15 @@ _LAZY = {
     "CellResult": "fsdp_nb.results",
     "RankError": "fsdp_nb.results",
     "emit": "fsdp_nb.events",
+    "FSDPConfig": "fsdp_nb.config",
+    "MixedPrecision": "fsdp_nb.precision",
+    "shard": "fsdp_nb.sharding",
+    "check_optimizer": "fsdp_nb.sharding",
+    "Trainer": "fsdp_nb.train",
+    "TrainConfig": "fsdp_nb.train",
+    "GPT": "fsdp_nb.models",
+    "GPTConfig": "fsdp_nb.models",
+    "Layer": "fsdp_nb.models",
 }
 
 __all__ = sorted(_LAZY) + ["load_ipython_extension", "unload_ipython_extension"]

@@ -63,6 +63,10 @@ def display(*objs):
 
 
 FOOTER = '''
+# Free FSDP state while the process group exists (gloo can abort at exit otherwise).
+import gc
+
+gc.collect()
 dist.barrier()
 dist.destroy_process_group()
 '''

@@ -320,6 +320,8 @@ def _remember_replaced(before: list[nn.Parameter], sharded: nn.Module) -> None:
 
 
 def _held_replaced(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    if not _replaced:  # the common case: nothing was ever replaced, or it is all gone
+        return []
     held = [p for g in optimizer.param_groups for p in g["params"]]
     return [p for p in held if (ref := _replaced.get(id(p))) is not None and ref() is p]
 
