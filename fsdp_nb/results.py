@@ -30,6 +30,7 @@ class CellResult:
     interrupted: bool = False
     events: list[tuple[int, str, dict]] = field(default_factory=list)
     broken: str | None = None  # why the session can no longer be trusted, if it can't
+    by_rank: bool = False  # report errors in rank order (collated mode: deterministic) not arrival order
 
     @property
     def ok(self) -> bool:
@@ -37,8 +38,9 @@ class CellResult:
 
     @property
     def errors(self) -> list[tuple[int, P.RemoteError]]:
-        """(rank, error) in the order the errors arrived: the first failing rank first."""
-        return [(r, self.dones[r].error) for r in self.order if self.dones[r].error is not None]
+        """(rank, error): the first failing rank first, or in rank order when `by_rank`."""
+        order = sorted(self.order) if self.by_rank else self.order
+        return [(r, self.dones[r].error) for r in order if self.dones[r].error is not None]
 
     @property
     def values(self) -> list[Any]:
@@ -67,9 +69,20 @@ class RankError(Exception):
     def summary(self) -> str:
         res = self.result
         parts = []
-        if res.errors:
-            first_rank, first = res.errors[0]
-            parts.append(f"{rank_list([first_rank])} failed first: {first.headline()}")
+        groups = self.groups()
+        if res.by_rank:
+            # Deterministic wording: ranks merged by exception type, the lowest rank's message.
+            # (Messages can differ between ranks in incidental ways, e.g. the order of a set.)
+            by_type: dict[str, tuple[list[int], P.RemoteError]] = {}
+            for r, e in res.errors:
+                by_type.setdefault(e.type, ([], e))[0].append(r)
+            parts.extend(f"{rank_list(ranks)} failed: {e.headline()}" for ranks, e in by_type.values())
+        elif len(groups) == 1:  # the same error everywhere: name all its ranks, in rank order
+            ranks, err = groups[0]
+            parts.append(f"{rank_list(ranks)} failed: {err.headline()}")
+        elif groups:
+            (first_rank, *_), first = groups[0]
+            parts.append(f"rank {first_rank} failed first: {first.headline()}")
         for r, why in sorted(res.died.items()):
             parts.append(f"rank {r} {why}")
         stuck = sorted(set(res.stuck) | {r for r, e in res.errors if e.timeout})

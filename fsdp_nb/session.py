@@ -23,7 +23,7 @@ import time
 from fsdp_nb import protocol as P
 from fsdp_nb.exchange import Exchange
 from fsdp_nb.export import Step, script
-from fsdp_nb.output import Silent, printer
+from fsdp_nb.output import CollatedPrinter, Silent, printer
 from fsdp_nb.results import CellResult, rank_list
 from fsdp_nb.launcher import RankGroup, SessionError, exit_description
 from fsdp_nb.session_config import SessionConfig
@@ -153,8 +153,9 @@ class Session:
         """
         targets = self._targets(ranks)
         cell = next(self._cells)
-        result = self._request({r: P.Execute(0, source, cell, want_result) for r in targets},
-                               output if output is not None else printer(collate), source)
+        out = output if output is not None else printer(collate)
+        result = self._request({r: P.Execute(0, source, cell, want_result) for r in targets}, out, source)
+        result.by_rank = isinstance(out, CollatedPrinter)  # collated: errors in rank order too
         if result.ok and record:
             self.history.append(Step(source=source, ranks=tuple(targets) if ranks is not None else None))
         return result

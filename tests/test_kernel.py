@@ -37,7 +37,8 @@ def _wait_gone(pids, seconds=5.0) -> list[int]:
 
 class Kernel:
     def __init__(self):
-        env = dict(os.environ, OMP_NUM_THREADS="1", FSDP_NB_COLLATE="1", MPLBACKEND="Agg")
+        env = {k: v for k, v in os.environ.items() if k != "FSDP_NB_COLLATE"}  # live output, as users get it
+        env.update(OMP_NUM_THREADS="1", MPLBACKEND="Agg")
         self.km = jupyter_client.KernelManager(kernel_name="python3")
         self.km.start_kernel(env=env)
         self.kc = self.km.client()
@@ -102,7 +103,7 @@ def kernel():
 
 
 def test_cell_runs_on_ranks_in_a_real_kernel(kernel):
-    content, out, _ = kernel.run("%%fsdp\nprint('hi', rank)\nrank")
+    content, out, _ = kernel.run("%%fsdp --collate\nprint('hi', rank)\nrank")
     assert content["status"] == "ok"
     assert out == "[rank 0] hi 0\n[rank 1] hi 1\nOut[rank 0]: 0\nOut[rank 1]: 1\n"
 

@@ -83,7 +83,7 @@ def test_errors_grouped_first_failing_rank_first(session):
     assert len(groups) == 1 and groups[0][0] == [1, 0]
     lines = err._render_traceback_()
     assert lines[0] == "[ranks 0,1] KeyError: 'same'"
-    assert str(err).startswith("rank 1 failed first: KeyError")
+    assert str(err) == "ranks 0,1 failed: KeyError: 'same'"  # identical errors: deterministic wording
 
 
 def test_different_errors_shown_separately(session):
@@ -91,6 +91,7 @@ def test_different_errors_shown_separately(session):
     lines = RankError(res)._render_traceback_()
     heads = [ln for ln in lines if ln.startswith("[rank")]
     assert heads == ["[rank 1] ValueError: v", "[rank 0] TypeError: t"]
+    assert str(RankError(res)) == "rank 1 failed first: ValueError: v"
 
 
 def test_syntax_error_is_reported(session):
@@ -274,3 +275,12 @@ def test_clean_exit_after_autograd_work(tmp_path):
     assert "exitcodes [0, 0]" in out.stdout
     for noise in ("terminate called", "Abort", "SIGABRT", "Traceback"):
         assert noise not in out.stderr, out.stderr
+
+
+def test_collated_mode_reports_errors_in_rank_order(session, capsys):
+    res = session.run("import time\nif rank == 0:\n    time.sleep(0.2)\n    raise TypeError('t')\nraise ValueError('v')",
+                      collate=True)
+    assert [r for r, _ in res.errors] == [0, 1]
+    assert str(RankError(res)) == "rank 0 failed: TypeError: t; rank 1 failed: ValueError: v"
+    res = session.run("raise ValueError(f'bad {rank}')", collate=True)
+    assert str(RankError(res)) == "ranks 0,1 failed: ValueError: bad 0"  # merged by type, whatever the arrival
