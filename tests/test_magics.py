@@ -141,3 +141,9 @@ def test_progress_and_metrics_events_drive_the_dashboard(ipshell):
         assert list(lines[0].get_ydata()) == [10.0, 5.0, 10.0 / 3, 2.5, 2.0]
     finally:
         magics.dashboard.widgets = False
+
+
+def test_env_variable_makes_collated_the_default(ipshell, capsys, monkeypatch):
+    monkeypatch.setenv("FSDP_NB_COLLATE", "1")
+    ipshell.run_cell_magic("fsdp", "", "import time\ntime.sleep(0.2 * (1 - rank))\nprint('x', rank)")
+    assert capsys.readouterr().out == "[rank 0] x 0\n[rank 1] x 1\n"
