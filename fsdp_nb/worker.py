@@ -5,7 +5,7 @@ process group, then loops: receive a request, run it in the rank's persistent
 namespace, stream output and events back, finish with one Done.
 
 Lifetime rules (see DESIGN.md, "Signals"):
-- The rank sits in its own process group, so a Ctrl-C or a kernel interrupt aimed at
+- The rank sits in its own session (setsid, as torchrun does), so a Ctrl-C or a kernel interrupt aimed at
   the kernel's group never reaches it directly; the kernel relays interrupts, and a
   SIGINT only raises KeyboardInterrupt while user code runs.
 - A watchdog thread exits the rank within 0.2 s of the kernel dying (SIGKILL included);
@@ -99,7 +99,7 @@ def _namespace(state: _Rank, torch, dist, device) -> dict:
 
 def main(rank: int, world_size: int, conn, opts: dict) -> None:
     """Spawn target: run rank `rank` of `world_size` until Shutdown or the kernel goes away."""
-    os.setpgrp()  # out of the kernel's process group: interrupts come only via the kernel
+    os.setsid()  # like torchrun's workers: interrupts come only via the kernel; each rank its own sched autogroup
     os.environ.update(OMP_NUM_THREADS=str(opts["threads"]), MPLBACKEND="module://fsdp_nb.rank_mpl",
                       RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR=opts["host"], MASTER_PORT=str(opts["port"]))
