@@ -9,7 +9,7 @@ cases are 2 ranks (gloo, one thread each) doing half of it each. Ratios are
 against the baselines measured in this same run.
 
 Memory is what each rank holds after an optimizer step: parameters, gradients and
-AdamW state, summed over local storages (`fsdp_nb.train.rank_memory`). For the
+AdamW state, summed over local storages (`fsdp_nb.inspect.memory_of`). For the
 sharded cases it is compared with full / N plus the padding torch adds: FSDP1 pads
 each flat parameter to a multiple of N elements; FSDP2 pads each parameter's
 dim 0 to a multiple of N rows.

@@ -48,6 +48,9 @@ class Dashboard:
         elif kind == "metrics":
             run = str(payload.get("run") or f"cell {self.cell}")
             curve = self.series[(run, rank)]
+            step = payload.get("step")
+            if isinstance(step, (int, float)) and curve.get("step") and step <= curve["step"][-1]:
+                curve.clear()  # the run started again (a cell re-run): a fresh curve, not a jump back
             for key, value in payload.items():
                 if key != "run" and isinstance(value, (int, float)):
                     curve[key].append(float(value))

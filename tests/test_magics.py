@@ -147,3 +147,13 @@ def test_env_variable_makes_collated_the_default(ipshell, capsys, monkeypatch):
     monkeypatch.setenv("FSDP_NB_COLLATE", "1")
     ipshell.run_cell_magic("fsdp", "", "import time\ntime.sleep(0.2 * (1 - rank))\nprint('x', rank)")
     assert capsys.readouterr().out == "[rank 0] x 0\n[rank 1] x 1\n"
+
+
+def test_dashboard_restarts_a_curve_when_a_run_is_repeated():
+    from fsdp_nb.dashboard import Dashboard
+
+    dash = Dashboard(widgets=False)
+    for _ in range(2):  # the same named run, twice (a re-run cell)
+        for step in (1, 2, 3):
+            dash(0, "metrics", {"step": step, "loss": 1.0 / step, "run": "a"})
+    assert dash.series[("a", 0)]["step"] == [1, 2, 3]
