@@ -94,17 +94,20 @@ class RankGroup:
         opts = dict(host="127.0.0.1", port=store.port, backend=cfg.backend, device=cfg.device,
                     timeout=cfg.timeout, threads=cfg.threads, parent_pid=os.getpid())
         ctx = mp.get_context("spawn")
-        ranks = []
-        with _spawn_environment(cfg.threads):
-            for r in range(cfg.nprocs):
-                parent_end, child_end = ctx.Pipe(duplex=True)
-                proc = ctx.Process(target=worker_main, args=(r, cfg.nprocs, child_end, opts),
-                                   name=f"fsdp_nb-rank{r}")
-                proc.start()
-                child_end.close()
-                ranks.append(RankProc(r, proc, parent_end))
-        group = cls(ranks, store, "")
-        group._wait_ready(time.monotonic() + cfg.timeout + START_MARGIN_S)
+        group = cls([], store, "")
+        try:  # an interrupt (or any error) while starting must not leave ranks behind
+            with _spawn_environment(cfg.threads):
+                for r in range(cfg.nprocs):
+                    parent_end, child_end = ctx.Pipe(duplex=True)
+                    proc = ctx.Process(target=worker_main, args=(r, cfg.nprocs, child_end, opts),
+                                       name=f"fsdp_nb-rank{r}")
+                    proc.start()
+                    child_end.close()
+                    group.ranks.append(RankProc(r, proc, parent_end))
+            group._wait_ready(time.monotonic() + cfg.timeout + START_MARGIN_S)
+        except BaseException:
+            group.kill()
+            raise
         return group
 
     def _wait_ready(self, deadline: float) -> None:
@@ -129,7 +132,6 @@ class RankGroup:
                     rk.proc.join(0.5)
                     problem = f"rank {rk.rank} {exit_description(rk.proc.exitcode)} while starting"
         if problem:
-            self.stop(graceful=False)
             raise SessionError(problem)
 
     def stop(self, graceful: bool) -> None:

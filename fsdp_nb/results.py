@@ -47,11 +47,26 @@ class CellResult:
         """The cell's last-expression value per rank, indexed by rank (None where absent)."""
         out: list[Any] = [None] * self.world_size
         for r, d in self.dones.items():
-            out[r] = P.unpickled(d) if d.value is not None else d.value_repr
+            out[r] = self._load(r)[0]
         return out
 
+    def load_problems(self) -> dict[int, str]:
+        """Ranks whose value pickled there but cannot be rebuilt in this process, and why."""
+        return {r: why for r in sorted(self.dones) if (why := self._load(r)[1])}
+
+    def _load(self, r: int) -> tuple[Any, str | None]:
+        d = self.dones[r]
+        if d.value is None:
+            return d.value_repr, None
+        try:
+            return P.unpickled(d), None
+        except Exception as e:  # e.g. a class this process cannot import
+            why = f"{type(e).__name__}: {e}"
+            return f"<rank {r}'s value could not be loaded here: {why}>", why
+
     def notes(self) -> list[str]:
-        return [f"[rank {r}] note: {self.dones[r].note}" for r in sorted(self.dones) if self.dones[r].note]
+        return [f"[rank {r}] note: result shown as its repr: {self.dones[r].note}"
+                for r in sorted(self.dones) if self.dones[r].note]
 
     def raise_errors(self) -> "CellResult":
         if not self.ok:

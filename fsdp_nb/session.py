@@ -75,7 +75,7 @@ class Session:
         self.state, self.broken_reason = State.STARTING, None
         try:
             self._group = RankGroup.spawn(self.config)
-        except SessionError:
+        except BaseException:  # KeyboardInterrupt too: the ranks are gone, so is the session
             self.state = State.CLOSED
             raise
         self.torch_version = self._group.torch_version
@@ -194,7 +194,9 @@ class Session:
         if unpicklable:
             r = unpicklable[0]
             raise SessionError(f"{name!r} on rank {r} cannot be sent to the notebook: {result.dones[r].note}")
-        return result.raise_errors().values
+        for r, why in result.raise_errors().load_problems().items():
+            raise SessionError(f"{name!r} from rank {r} cannot be rebuilt in the notebook: {why}")
+        return result.values
 
     def layout(self, name: str):
         """The real shard layout of the sharded module `name` on the ranks (see fsdp_nb.gather)."""

@@ -37,12 +37,29 @@ class _Rank:
         self.rank, self.world_size, self.conn = rank, world_size, conn
         self.request_id = 0
         self.executing = False  # SIGINT raises KeyboardInterrupt only while True
+        self.sender: int | None = None  # thread writing to the pipe now, if any
+        self.interrupt_pending = False  # a SIGINT that arrived mid-send, raised once the send is done
         self._lock = threading.Lock()
         self.ns: dict = {}
 
     def send(self, msg) -> None:
         with self._lock:  # user threads may print while the main thread sends Done
-            self.conn.send(msg)
+            self.sender = threading.get_ident()
+            try:
+                self.conn.send(msg)  # a big message is several writes: it must not be cut short
+            finally:
+                self.sender = None
+        if self.interrupt_pending and self.executing and threading.current_thread() is threading.main_thread():
+            self.interrupt_pending = False
+            raise KeyboardInterrupt
+
+    def on_sigint(self, signum, frame) -> None:
+        if not self.executing:
+            return  # idle ranks ignore interrupts
+        if self.sender == threading.main_thread().ident:
+            self.interrupt_pending = True  # raising now would leave half a message in the pipe
+            return
+        raise KeyboardInterrupt
 
     # ---- rank-side conveniences bound into the namespace -------------------------
     def display(self, *objs, **_ignored) -> None:
@@ -105,11 +122,7 @@ def main(rank: int, world_size: int, conn, opts: dict) -> None:
                       MASTER_ADDR=opts["host"], MASTER_PORT=str(opts["port"]))
     threading.Thread(target=_watch_parent, args=(opts["parent_pid"],), daemon=True).start()
     state = _Rank(rank, world_size, conn)
-
-    def on_sigint(signum, frame):
-        if state.executing:
-            raise KeyboardInterrupt
-    signal.signal(signal.SIGINT, on_sigint)
+    signal.signal(signal.SIGINT, state.on_sigint)
 
     try:
         torch, dist, device = _init_process_group(rank, world_size, opts)
@@ -160,12 +173,25 @@ def _execute(state: _Rank, msg: P.Execute) -> P.Done:
     return done
 
 
+# Pickles that load on a rank but not in the kernel: names the kernel cannot resolve.
+_KERNEL_CANNOT_LOAD = (
+    (b"__main__", "it is an instance of a class defined in a cell, which the notebook does not have"),
+    (b"torch.distributed", "it holds process-group state (a DTensor, DeviceMesh or sharded module) that only "
+                           "exists on the ranks; send .full_tensor(), .to_local() or a state_dict() instead"),
+)
+
+
 def _attach_value(done: P.Done, value) -> None:
     try:
-        done.value = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as e:
-        done.value_repr = repr(value)
-        done.note = f"result is not picklable ({type(e).__name__}: {e}); showing its repr"
+        done.value_repr, done.note = repr(value), f"it is not picklable ({type(e).__name__}: {e})"
+        return
+    for marker, why in _KERNEL_CANNOT_LOAD:
+        if marker in data:
+            done.value_repr, done.note = repr(value), why
+            return
+    done.value = data
 
 
 def _show_open_figures() -> None:

@@ -284,3 +284,53 @@ def test_collated_mode_reports_errors_in_rank_order(session, capsys):
     assert str(RankError(res)) == "rank 0 failed: TypeError: t; rank 1 failed: ValueError: v"
     res = session.run("raise ValueError(f'bad {rank}')", collate=True)
     assert str(RankError(res)) == "ranks 0,1 failed: ValueError: bad 0"  # merged by type, whatever the arrival
+
+
+def test_interrupt_while_printing_large_output_keeps_the_pipe_in_step(session):
+    """A SIGINT landing mid-send must not cut a message short (that would hang the kernel)."""
+    import threading
+
+    from fsdp_nb.output import Silent
+
+    for _ in range(3):
+        threading.Timer(0.4, session.interrupt).start()
+        t0 = time.perf_counter()
+        res = session.run("s = 'x' * 2_000_000\nwhile True:\n    print(s)", output=Silent())
+        assert time.perf_counter() - t0 < 3.0
+        assert {e.type for _, e in res.errors} == {"KeyboardInterrupt"}
+        assert session.eval("rank") == [0, 1]
+
+
+def test_values_the_kernel_cannot_rebuild_come_back_as_repr(session):
+    res = session.run("class Foo:\n    def __repr__(self):\n        return f'Foo on {rank}'\nFoo()")
+    assert res.ok and res.values == ["Foo on 0", "Foo on 1"]
+    assert "class defined in a cell" in res.notes()[0]
+    session.run("from torch.distributed.device_mesh import init_device_mesh\n"
+                "from torch.distributed.tensor import distribute_tensor, Shard\n"
+                "dt = distribute_tensor(torch.ones(4, 2), init_device_mesh('cpu', (2,)), [Shard(0)])").raise_errors()
+    res = session.run("dt")
+    assert all(v.startswith("DTensor(") for v in res.values) and "process-group state" in res.notes()[0]
+    with pytest.raises(SessionError, match=r"'dt' on rank 0 cannot be sent to the notebook: it holds process-group"):
+        session.pull("dt")
+    assert session.eval("dt.full_tensor().sum().item()") == [8.0, 8.0]
+
+
+def test_interrupted_start_leaves_no_ranks_and_a_closed_session():
+    import os
+    import signal
+    import threading
+
+    import torch.distributed  # noqa: F401  (as in a kernel that already imported torch)
+
+    s = Session(2, start=False)
+    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        s.start()
+        time.sleep(5)  # in case the start finished before the interrupt
+    procs = [rk.proc for rk in (s._group.ranks if s._group else [])]
+    if s.state == State.CLOSED:
+        assert all(p.exitcode is not None for p in procs)
+    s.close()
+    s.start()  # the same session starts cleanly afterwards
+    assert s.eval("rank") == [0, 1]
+    s.close()
