@@ -7,6 +7,7 @@ read from torch on its own rank.
 from __future__ import annotations
 
 from fsdp_nb.launcher import SessionError
+from fsdp_nb.results import rank_list
 from fsdp_nb.layout import Fsdp1Layout, Fsdp2Layout, fsdp1_layout, fsdp2_layout
 
 _INSPECT = "__import__('fsdp_nb.inspect', fromlist=['inspect'])"
@@ -22,9 +23,12 @@ def _check_name(name: str) -> str:
 def _eval(session, expr: str, name: str) -> list:
     result = session.run(expr, output=_silent(), record=False)
     if result.errors:
+        missing = [r for r, e in result.errors
+                   if e.type in ("NameError", "AttributeError") and name.split(".")[0] in e.message]
+        if missing:
+            raise SessionError(f"{rank_list(missing)} {'has' if len(missing) == 1 else 'have'} no {name!r}; "
+                               "build and shard it in a %%fsdp cell first")
         rank, err = result.errors[0]
-        if err.type in ("NameError", "AttributeError") and name.split(".")[0] in err.message:
-            raise SessionError(f"rank {rank} has no {name!r}; build and shard it in a %%fsdp cell first")
         raise SessionError(f"reading {name!r} on rank {rank} failed: {err.headline()}")
     return result.raise_errors().values
 

@@ -61,8 +61,10 @@ class FSDPMagics(Magics):
 
     @line_magic
     def fsdp_restart(self, line):
-        """Kill the ranks and start fresh ones with the same options."""
-        s = self._session()
+        """Kill the ranks and start fresh ones with the same options (also after %fsdp_shutdown)."""
+        if self.session is None:
+            raise UsageError("no session to restart; start one with %fsdp_launch -n 2")
+        s = self.session
         t0 = time.perf_counter()
         self._guard(s.restart)
         self._summary("restarted", time.perf_counter() - t0)
@@ -102,9 +104,12 @@ class FSDPMagics(Magics):
         """Run the cell on every rank (or --ranks), streaming output with [rank N] prefixes."""
         args = parse_argstring(self.fsdp, line)
         s = self._session()
+        ranks = _ranks_arg(args.ranks)
         self.dashboard.new_cell()
-        result = self._guard(lambda: s.run(cell, ranks=_ranks_arg(args.ranks), collate=args.collate))
-        self.dashboard.finish()
+        try:
+            result = self._guard(lambda: s.run(cell, ranks=ranks, collate=args.collate))
+        finally:
+            self.dashboard.finish()
         for note in result.notes():
             print(note)
         values = result.values
@@ -112,7 +117,9 @@ class FSDPMagics(Magics):
             self.shell.user_ns[args.out_name] = values
         elif not cell.rstrip().endswith(";"):
             for r in result.ranks:
-                if values[r] is not None:
+                if r in result.dones and result.dones[r].value_repr is not None:
+                    print(f"Out[rank {r}]: {values[r]}")  # already a repr: show it as is
+                elif values[r] is not None:
                     show_value(r, values[r])
         result.raise_errors()
 

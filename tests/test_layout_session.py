@@ -127,7 +127,7 @@ def test_layout_magic_prints_tables_and_draws(ipshell, session, capsys, monkeypa
 def test_layout_magic_errors(ipshell, session):
     from IPython.core.error import UsageError
 
-    with pytest.raises(UsageError, match="rank 0 has no 'nothing_here'; build and shard it"):
+    with pytest.raises(UsageError, match="ranks 0,1 have no .nothing_here.; build and shard it"):
         ipshell.run_line_magic("fsdp_layout", "nothing_here")
     session.run("plain = torch.nn.Linear(2, 2)")
     with pytest.raises(UsageError, match="is not sharded"):

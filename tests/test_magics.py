@@ -112,7 +112,8 @@ def test_push_of_unpicklable_and_undefined(ipshell):
 def test_unpicklable_result_shows_repr_and_says_so(ipshell, capsys):
     ipshell.run_cell_magic("fsdp", "--collate", "(x for x in [])")
     out = capsys.readouterr().out
-    assert "[rank 0] note: result is not picklable" in out and "Out[rank 0]: '<generator object" in out
+    assert "[rank 0] note: result shown as its repr: it is not picklable (TypeError" in out
+    assert "Out[rank 0]: <generator object" in out
 
 
 def test_broken_session_suggests_restart_then_restart_works(ipshell, session, capsys):
@@ -157,3 +158,15 @@ def test_dashboard_restarts_a_curve_when_a_run_is_repeated():
         for step in (1, 2, 3):
             dash(0, "metrics", {"step": step, "loss": 1.0 / step, "run": "a"})
     assert dash.series[("a", 0)]["step"] == [1, 2, 3]
+
+
+def test_restart_after_shutdown_relaunches_with_the_same_options(bare_shell, capsys):
+    bare_shell.run_line_magic("fsdp_launch", "-n 1 --timeout 30")
+    magics = bare_shell.magics_manager.registry["FSDPMagics"]
+    try:
+        bare_shell.run_line_magic("fsdp_shutdown", "")
+        bare_shell.run_line_magic("fsdp_restart", "")
+        assert "1 ranks restarted" in capsys.readouterr().out
+        assert magics.session.config.timeout == 30 and magics.session.eval("world_size") == [1]
+    finally:
+        magics.session.close()
