@@ -138,6 +138,28 @@ def test_interrupting_an_idle_kernel_keeps_the_ranks(kernel):
     assert content["status"] == "ok" and "Out[rank 1]: 1" in out and kernel.pids() == pids
 
 
+def test_bad_input_is_a_one_line_usage_error_in_a_real_kernel(kernel):
+    for line, message in [("%fsdp_launch -n 2", "already running"), ("%fsdp_launch --bogus", "unrecognized arguments"),
+                          ("%fsdp_pull not_there", "have no variable 'not_there'")]:
+        content, out, _ = kernel.run(line)  # IPython prints a UsageError as one stderr line, no traceback
+        assert content["status"] == "error" and content["ename"] == "UsageError"
+        assert message in content["evalue"] and "\n" not in content["evalue"]
+        assert out.strip() == f"UsageError: {content['evalue']}"
+
+
+def test_dead_rank_in_a_real_kernel_is_reported_then_restart_works(kernel):
+    t0 = time.monotonic()
+    content, out, errors = kernel.run("%%fsdp\nimport os, signal\nif rank == 1: os.kill(os.getpid(), signal.SIGKILL)\n"
+                                      "dist.barrier()")
+    assert time.monotonic() - t0 < 1.5
+    assert errors[0]["evalue"].startswith("rank 1 exited with signal 9 (SIGKILL)")
+    content, out, _ = kernel.run("%%fsdp\n1")
+    assert content["ename"] == "UsageError" and "run %fsdp_restart" in content["evalue"]
+    assert kernel.run("%fsdp_restart")[0]["status"] == "ok"
+    content, out, _ = kernel.run("%%fsdp\nrank")
+    assert content["status"] == "ok" and "Out[rank 1]: 1" in out
+
+
 def test_two_kernels_at_once_and_sigkill_leaves_no_orphans(kernel):
     other = Kernel()
     try:
