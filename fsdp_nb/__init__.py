@@ -23,7 +23,7 @@ _LAZY = {
     "FSDPConfig": "fsdp_nb.config",
     "MixedPrecision": "fsdp_nb.precision",
     "shard": "fsdp_nb.sharding",
-    "check_optimizer": "fsdp_nb.sharding",
+    "check_optimizer": "fsdp_nb.optim_guard",
     "Trainer": "fsdp_nb.train",
     "TrainConfig": "fsdp_nb.train",
     "GPT": "fsdp_nb.models",

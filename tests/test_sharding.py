@@ -24,7 +24,8 @@ import warnings
 import torch
 from fsdp_nb.config import FSDPConfig
 from fsdp_nb.models import GPT, GPTConfig
-from fsdp_nb.sharding import shard, check_optimizer, build_on_rank0
+from fsdp_nb.optim_guard import check_optimizer
+from fsdp_nb.sharding import build_on_rank0, shard
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, StateDictOptions
 warnings.filterwarnings("ignore")
 x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(rank))  # (b, T) per rank
