@@ -46,9 +46,12 @@ class Segment(NamedTuple):
         return self.stop - self.start
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True)
 class ParamSpec:
-    """What the layout math needs to know about one parameter."""
+    """What the layout math needs to know about one parameter: `ParamSpec("l2.weight", (6, 6))`.
+
+    Positional, like the issue's contract `ParamSpec(name, shape, dtype, requires_grad)`.
+    """
 
     name: str
     """Full name as in `module.named_parameters()`, e.g. "l2.weight"."""
@@ -283,7 +286,7 @@ def shard_flat(flat: Sequence[Segment], world_size: int) -> tuple[tuple[Segment,
     return tuple(shards)
 
 
-def fsdp1_layout(specs: Sequence[ParamSpec], world_size: int, *, use_orig_params: bool = False,
+def fsdp1_layout(specs: Sequence[ParamSpec], world_size: int, use_orig_params: bool = False, *,
                  param_dtype: torch.dtype | None = None) -> Fsdp1Layout:
     """Model the FlatParameter FSDP1 builds for `specs` (one FSDP unit) on `world_size` ranks.
 

@@ -218,3 +218,15 @@ def test_merge_observed_takes_each_rank_from_itself():
         merge_observed([seen[0], seen[0]])
     with pytest.raises(ValueError, match="got 1 layouts"):
         merge_observed(seen[:1])
+
+
+def test_public_signatures_take_positional_arguments_as_documented():
+    """The issue spells these calls out: ParamSpec(name, shape, dtype, requires_grad), fsdp1_layout(specs, world, uop)."""
+    import torch
+
+    from fsdp_nb.layout import ParamSpec, fsdp1_layout, fsdp2_layout
+
+    specs = [ParamSpec("w", (3, 4)), ParamSpec("b", (3,), torch.float32, True)]
+    assert fsdp1_layout(specs, 2, True).use_orig_params is True
+    assert fsdp1_layout(specs, 2).segments(0) == (("w", 0, 8),)
+    assert fsdp2_layout(specs, 2).rows("w", 1) == (2, 3) and fsdp2_layout(specs, 2).local_shape("w", 1) == (1, 4)
