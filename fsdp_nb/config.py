@@ -255,11 +255,9 @@ class FSDPConfig:
         """Build from a dict of field names; an unknown key raises ValueError with close matches."""
         if not isinstance(d, Mapping):
             raise invalid("FSDPConfig.from_dict argument", d, "a dict of FSDPConfig field names")
-        names = [f.name for f in dataclasses.fields(cls)]
-        for key in d:
-            if key not in names:
-                raise ValueError(f"unknown FSDPConfig field {key!r}{_did_you_mean(str(key), names)}; "
-                                 f"accepted: {', '.join(names)}")  # fmt: skip
+        unknown = _unknown_field(d)
+        if unknown:
+            raise ValueError(unknown)
         return cls(**d)
 
     @classmethod
@@ -295,6 +293,31 @@ def _is_local(value: Any) -> bool:
     if isinstance(value, enum.Enum):
         value = value.name
     return str(value).strip().upper() in ("LOCAL_STATE_DICT", "2")
+
+
+def _unknown_field(kwargs: Mapping[str, Any]) -> str | None:
+    """The message for the first key that is not an FSDPConfig field, or None."""
+    names = [f.name for f in dataclasses.fields(FSDPConfig)]
+    for key in kwargs:
+        if key not in names:
+            return (f"unknown FSDPConfig field {key!r}{_did_you_mean(str(key), names)}; "
+                    f"accepted: {', '.join(names)}")
+    return None
+
+
+def _friendly_init(init):
+    # The generated __init__ says only "unexpected keyword argument"; name the fix too.
+    def __init__(self, **kwargs):
+        unknown = _unknown_field(kwargs)
+        if unknown:
+            raise TypeError(unknown)
+        init(self, **kwargs)
+
+    __init__.__doc__, __init__.__wrapped__ = init.__doc__, init
+    return __init__
+
+
+FSDPConfig.__init__ = _friendly_init(FSDPConfig.__init__)
 
 
 def _did_you_mean(key: str, names: list[str]) -> str:

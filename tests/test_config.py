@@ -317,3 +317,8 @@ def test_parse_bool_uses_accelerates_truth_words():
     assert [parse_bool("X", w) for w in ("n", "No", "F", "false", "off", "0")] == [False] * 6
     with pytest.raises(ValueError, match=re.escape("X='maybe' is not valid; accepted: y, yes, t, true, on, 1, n, no")):
         parse_bool("X", "maybe")
+
+
+def test_unknown_keyword_names_close_fields_and_accepted_ones():
+    with pytest.raises(TypeError, match=r"unknown FSDPConfig field 'fsdp_verison' \(did you mean 'fsdp_version'\?\); accepted: fsdp_version, "):
+        FSDPConfig(fsdp_verison=2)
