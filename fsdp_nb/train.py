@@ -271,6 +271,7 @@ class Trainer:
             events.emit("metrics", step=step, mem_mb=mem_mb, **metrics, **({"run": self.name} if self.name else {}))
             return
         val = f" val_loss {record['val_loss']:.4f}" if "val_loss" in record else ""
-        print(f"step {step:>{len(str(total))}}/{total} loss {record['loss']:.4f}{val} "
+        bar = "#" * (20 * step // total) + "." * (20 - 20 * step // total)  # a plain bar, one line per report
+        print(f"[{bar}] step {step:>{len(str(total))}}/{total} loss {record['loss']:.4f}{val} "
               f"lr {record['lr']:.2e} grad_norm {record['grad_norm']:.3f} "
               f"{record['tokens_per_s']:,.0f} tok/s rank0 mem {mem_mb:.2f} MB", flush=True)
