@@ -190,7 +190,7 @@ class Session:
         if missing:
             raise SessionError(f"{rank_list(missing)} {'has' if len(missing) == 1 else 'have'} no variable "
                                f"{name!r}; define it in a %%fsdp cell first")
-        unpicklable = [r for r in result.dones if result.dones[r].note]
+        unpicklable = sorted(r for r in result.dones if result.dones[r].note)
         if unpicklable:
             r = unpicklable[0]
             raise SessionError(f"{name!r} on rank {r} cannot be sent to the notebook: {result.dones[r].note}")
