@@ -67,3 +67,20 @@ def test_bad_config_and_too_long_input_are_explained():
         GPTConfig.debug(n_layer=0)
     with pytest.raises(ValueError, match="exceeds block_size=16"):
         GPT(GPTConfig.debug())(torch.zeros(1, 17, dtype=torch.long))
+
+
+@pytest.mark.parametrize("sizes", [dict(d_in=0), dict(d_hidden=-1), dict(d_out=2.5), dict(d_in=True)])
+def test_layer_sizes_must_be_positive_ints(sizes):
+    from fsdp_nb.models import Layer
+
+    name = next(iter(sizes))
+    with pytest.raises(ValueError, match=f"Layer: {name}=.* must be a positive int"):
+        Layer(**sizes)
+
+
+def test_default_layer_is_the_seed_module():
+    from fsdp_nb.models import Layer
+
+    m = Layer()
+    assert [tuple(p.shape) for p in m.parameters()] == [(6, 4), (6,), (6, 6), (6,), (3, 6), (3,)]
+    assert sum(p.numel() for p in m.parameters()) == 93
