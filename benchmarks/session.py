@@ -88,7 +88,7 @@ def floor_pipe_roundtrip(n: int) -> list[float]:
 def fsdp_nb_figures(cells: int, starts: int) -> dict:
     from IPython.core.interactiveshell import InteractiveShell
 
-    from fsdp_nb.output import Silent
+    from fsdp_nb.session.output import Silent
 
     shell = InteractiveShell.instance()
     shell.run_line_magic("load_ext", "fsdp_nb")

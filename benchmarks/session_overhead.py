@@ -80,7 +80,7 @@ def parse_args(argv=None):
 
 def in_session(session, source: str) -> list[dict]:
     """Rank 0's history of `source` run as one session cell."""
-    from fsdp_nb.output import Silent
+    from fsdp_nb.session.output import Silent
 
     session.run(source, output=Silent()).raise_errors()
     history = session.eval("history")[0]

@@ -3,7 +3,7 @@
 In a notebook: `%load_ext fsdp_nb`, then `%fsdp_launch -n 2` and `%%fsdp` cells.
 In plain Python: `Session`, `shard`, `Trainer`, `FSDPConfig`.
 
-Imports are lazy: ranks import `fsdp_nb.worker` at spawn, and should not pay for
+Imports are lazy: ranks import `fsdp_nb.rank.worker` at spawn, and should not pay for
 matplotlib, IPython or torch.distributed until they use them.
 """
 from __future__ import annotations
@@ -13,13 +13,13 @@ import importlib
 __version__ = "0.1.0"
 
 _LAZY = {
-    "Session": "fsdp_nb.session",
-    "SessionError": "fsdp_nb.launcher",
-    "State": "fsdp_nb.session",
-    "SessionConfig": "fsdp_nb.session_config",
-    "CellResult": "fsdp_nb.results",
-    "RankError": "fsdp_nb.results",
-    "emit": "fsdp_nb.events",
+    "Session": "fsdp_nb.session.session",
+    "SessionError": "fsdp_nb.session.launcher",
+    "State": "fsdp_nb.session.session",
+    "SessionConfig": "fsdp_nb.session.options",
+    "CellResult": "fsdp_nb.session.results",
+    "RankError": "fsdp_nb.session.results",
+    "emit": "fsdp_nb.rank.events",
     "FSDPConfig": "fsdp_nb.config",
     "MixedPrecision": "fsdp_nb.precision",
     "shard": "fsdp_nb.sharding",
@@ -43,12 +43,12 @@ def __getattr__(name: str):
 
 def load_ipython_extension(ipython) -> None:
     """`%load_ext fsdp_nb`: register the %fsdp_* magics."""
-    from fsdp_nb.magics import load
+    from fsdp_nb.session.magics import load
 
     load(ipython)
 
 
 def unload_ipython_extension(ipython) -> None:
-    from fsdp_nb.magics import unload
+    from fsdp_nb.session.magics import unload
 
     unload(ipython)

@@ -265,7 +265,7 @@ class FSDPConfig:
         """Read an `accelerate config` YAML file; any problem is one ValueError line naming the file."""
         import yaml
 
-        from fsdp_nb.convert import config_from_accelerate
+        from fsdp_nb.accelerate import config_from_accelerate
 
         try:
             with open(path, encoding="utf-8") as f:
@@ -284,7 +284,7 @@ class FSDPConfig:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> FSDPConfig:
         """Read the FSDP_* variables that `accelerate launch` sets (default: os.environ)."""
-        from fsdp_nb.convert import config_from_env
+        from fsdp_nb.accelerate import config_from_env
 
         return config_from_env(os.environ if environ is None else environ)
 
@@ -321,7 +321,7 @@ FSDPConfig.__init__ = _friendly_init(FSDPConfig.__init__)
 
 
 def _did_you_mean(key: str, names: list[str]) -> str:
-    from fsdp_nb.convert import YAML_KEY_TO_FIELD
+    from fsdp_nb.accelerate import YAML_KEY_TO_FIELD
 
     if key in YAML_KEY_TO_FIELD:  # an Accelerate YAML key: name its field exactly
         return f" (that is Accelerate's YAML key; the field is {YAML_KEY_TO_FIELD[key]!r})"

@@ -26,7 +26,7 @@ def _shared_session():
 @pytest.fixture
 def session(_shared_session):
     """The shared 2-rank session, READY (restarted if an earlier test broke it)."""
-    from fsdp_nb.session import State
+    from fsdp_nb.session.session import State
 
     if _shared_session.state != State.READY:
         _shared_session.restart() if _shared_session.state != State.CLOSED else _shared_session.start()

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from fsdp_nb.export import Step, script
+from fsdp_nb.session.export import Step, script
 
 OPTS = dict(nprocs=2, device="cpu", backend="gloo", timeout=30.0, threads=1)
 

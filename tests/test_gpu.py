@@ -22,7 +22,7 @@ def test_nccl_session_one_gpu_per_rank():
 
 
 def test_more_ranks_than_gpus_is_a_clear_error():
-    from fsdp_nb.session_config import SessionConfig
+    from fsdp_nb.session.options import SessionConfig
 
     with pytest.raises(ValueError, match=f"-n {gpus + 1} needs {gpus + 1} GPUs"):
         SessionConfig(nprocs=gpus + 1, device="cuda")

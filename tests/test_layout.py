@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from fsdp_nb.layout import Fsdp1Layout, ParamSpec, Segment, chunk_range, fsdp1_layout, fsdp2_layout, specs_of
+from fsdp_nb.layout.model import Fsdp1Layout, ParamSpec, Segment, chunk_range, fsdp1_layout, fsdp2_layout, specs_of
 from fsdp_nb.models import Layer
 
 
@@ -210,7 +210,7 @@ def test_layouts_pickle_and_compare_by_value():
 def test_merge_observed_takes_each_rank_from_itself():
     from dataclasses import replace
 
-    from fsdp_nb.inspect import merge_observed  # kernel side, but pure
+    from fsdp_nb.layout.inspect import merge_observed  # kernel side, but pure
     model = fsdp2_layout(layer_specs(), 2)
     seen = [replace(model, observed_ranks=(r,)) for r in range(2)]
     assert merge_observed(seen) == replace(model, observed_ranks=(0, 1))
@@ -224,7 +224,7 @@ def test_public_signatures_take_positional_arguments_as_documented():
     """The issue spells these calls out: ParamSpec(name, shape, dtype, requires_grad), fsdp1_layout(specs, world, uop)."""
     import torch
 
-    from fsdp_nb.layout import ParamSpec, fsdp1_layout, fsdp2_layout
+    from fsdp_nb.layout.model import ParamSpec, fsdp1_layout, fsdp2_layout
 
     specs = [ParamSpec("w", (3, 4)), ParamSpec("b", (3,), torch.float32, True)]
     assert fsdp1_layout(specs, 2, True).use_orig_params is True

@@ -7,7 +7,7 @@ import pytest
 from IPython.core.error import UsageError
 
 from fsdp_nb import RankError
-from fsdp_nb.session import State
+from fsdp_nb.session.session import State
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -151,7 +151,7 @@ def test_env_variable_makes_collated_the_default(ipshell, capsys, monkeypatch):
 
 
 def test_dashboard_restarts_a_curve_when_a_run_is_repeated():
-    from fsdp_nb.dashboard import Dashboard
+    from fsdp_nb.session.dashboard import Dashboard
 
     dash = Dashboard(widgets=False)
     for _ in range(2):  # the same named run, twice (a re-run cell)

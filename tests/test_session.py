@@ -6,7 +6,7 @@ import time
 import pytest
 
 from fsdp_nb import RankError, Session, SessionError
-from fsdp_nb.session import State
+from fsdp_nb.session.session import State
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -290,7 +290,7 @@ def test_interrupt_while_printing_large_output_keeps_the_pipe_in_step(session):
     """A SIGINT landing mid-send must not cut a message short (that would hang the kernel)."""
     import threading
 
-    from fsdp_nb.output import Silent
+    from fsdp_nb.session.output import Silent
 
     for _ in range(3):
         threading.Timer(0.4, session.interrupt).start()

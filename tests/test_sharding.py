@@ -10,7 +10,7 @@ import torch
 
 from fsdp_nb.config import FSDPConfig
 from fsdp_nb.models import GPT, Block, GPTConfig
-from fsdp_nb.output import Silent
+from fsdp_nb.session.output import Silent
 from fsdp_nb.sharding import apply_activation_checkpointing, wrap_units
 
 

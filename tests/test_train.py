@@ -16,7 +16,7 @@ import torch
 
 from fsdp_nb.data import ByteBlocks, stdlib_corpus
 from fsdp_nb.models import GPT, GPTConfig
-from fsdp_nb.output import Silent
+from fsdp_nb.session.output import Silent
 from fsdp_nb.runfile import load_run_file
 from fsdp_nb.train import TrainConfig, Trainer, lr_at
 

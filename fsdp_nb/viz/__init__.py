@@ -9,7 +9,7 @@ from fsdp_nb.viz.layout_figs import draw_fsdp1, draw_fsdp2, plot_comparison, plo
 from fsdp_nb.viz.memory_figs import plot_memory
 from fsdp_nb.viz.tables import format_fsdp1, format_fsdp2, format_layout, format_memory, format_problems, format_shapes
 
-from fsdp_nb.output import register_figure_formatter
+from fsdp_nb.session.output import register_figure_formatter
 
 register_figure_formatter()  # figures returned by these functions render in notebooks
 

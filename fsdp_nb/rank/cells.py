@@ -11,7 +11,7 @@ import linecache
 import threading
 import traceback
 
-from fsdp_nb import protocol as P
+from fsdp_nb.session import protocol as P
 
 FLUSH_BYTES = 8192
 
@@ -50,7 +50,7 @@ def format_error(e: BaseException) -> P.RemoteError:
 def _explain(message: str) -> str | None:
     if "flatten" not in message and "FSDP" not in message and "scalar" not in message:
         return None  # most errors: skip importing the rules
-    from fsdp_nb.rules import explain
+    from fsdp_nb.layout.rules import explain
 
     return explain(message)
 

@@ -20,13 +20,13 @@ import signal
 import threading
 import time
 
-from fsdp_nb import protocol as P
-from fsdp_nb.exchange import Exchange
-from fsdp_nb.export import Step, script
-from fsdp_nb.output import CollatedPrinter, Silent, printer
-from fsdp_nb.results import CellResult, rank_list
-from fsdp_nb.launcher import RankGroup, SessionError, exit_description
-from fsdp_nb.session_config import SessionConfig
+from fsdp_nb.session import protocol as P
+from fsdp_nb.session.exchange import Exchange
+from fsdp_nb.session.export import Step, script
+from fsdp_nb.session.output import CollatedPrinter, Silent, printer
+from fsdp_nb.session.results import CellResult, rank_list
+from fsdp_nb.session.launcher import RankGroup, SessionError, exit_description
+from fsdp_nb.session.options import SessionConfig
 
 INTERRUPT_GRACE_S = 2.0  # ranks get this long to stop after an interrupt
 STUCK_MARGIN_S = 5.0  # after a rank fails, its peers get pg timeout + this to finish
@@ -199,14 +199,14 @@ class Session:
         return result.values
 
     def layout(self, name: str):
-        """The real shard layout of the sharded module `name` on the ranks (see fsdp_nb.gather)."""
-        from fsdp_nb.gather import layout
+        """The real shard layout of the sharded module `name` on the ranks (see fsdp_nb.session.gather)."""
+        from fsdp_nb.session.gather import layout
 
         return layout(self, name)
 
     def memory(self, name: str, optimizer: str | None = None) -> list:
         """Real per-rank bytes of `name`'s parameters, gradients and `optimizer` state."""
-        from fsdp_nb.gather import memory
+        from fsdp_nb.session.gather import memory
 
         return memory(self, name, optimizer)
 

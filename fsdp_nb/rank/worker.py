@@ -24,8 +24,9 @@ import threading
 import time
 import types
 
-from fsdp_nb import events, protocol as P
-from fsdp_nb.rank_io import RankStream, mime_bundle, run_source, format_error
+from fsdp_nb.rank import events
+from fsdp_nb.session import protocol as P
+from fsdp_nb.rank.cells import RankStream, mime_bundle, run_source, format_error
 
 WATCHDOG_PERIOD_S = 0.2
 
@@ -117,7 +118,7 @@ def _namespace(state: _Rank, torch, dist, device) -> dict:
 def main(rank: int, world_size: int, conn, opts: dict) -> None:
     """Spawn target: run rank `rank` of `world_size` until Shutdown or the kernel goes away."""
     os.setsid()  # like torchrun's workers: interrupts come only via the kernel; each rank its own sched autogroup
-    os.environ.update(OMP_NUM_THREADS=str(opts["threads"]), MPLBACKEND="module://fsdp_nb.rank_mpl",
+    os.environ.update(OMP_NUM_THREADS=str(opts["threads"]), MPLBACKEND="module://fsdp_nb.rank.mpl_backend",
                       RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR=opts["host"], MASTER_PORT=str(opts["port"]))
     threading.Thread(target=_watch_parent, args=(opts["parent_pid"],), daemon=True).start()

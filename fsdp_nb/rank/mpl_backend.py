@@ -1,6 +1,6 @@
 """A matplotlib backend for ranks: plt.show() sends each open figure to the notebook.
 
-Ranks set MPLBACKEND=module://fsdp_nb.rank_mpl, so pyplot needs no change in user code.
+Ranks set MPLBACKEND=module://fsdp_nb.rank.mpl_backend, so pyplot needs no change in user code.
 Rendering is Agg's; only show() differs.
 """
 from matplotlib.backend_bases import FigureManagerBase
@@ -12,7 +12,7 @@ FigureManager = FigureManagerBase
 def show(*args, **kwargs) -> None:
     import matplotlib.pyplot as plt
 
-    from fsdp_nb.worker import display
+    from fsdp_nb.rank.worker import display
 
     for num in plt.get_fignums():
         display(plt.figure(num))

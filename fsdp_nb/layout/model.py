@@ -29,7 +29,7 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import nn
 
-from fsdp_nb.rules import Problem, fsdp1_problems, fsdp2_problems
+from fsdp_nb.layout.rules import Problem, fsdp1_problems, fsdp2_problems
 
 ALIGNMENT_BYTES = 16  # FSDP1 aligns each parameter's start for use_orig_params=True
 

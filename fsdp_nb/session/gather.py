@@ -1,16 +1,16 @@
 """Kernel-side reads of live sharded modules in a session: layouts and memory per rank.
 
-Each rank reads what torch built on that rank (`fsdp_nb.inspect`), the results travel
+Each rank reads what torch built on that rank (`fsdp_nb.layout.inspect`), the results travel
 back as small dataclasses, and the kernel merges them: a layout whose every shard was
 read from torch on its own rank.
 """
 from __future__ import annotations
 
-from fsdp_nb.launcher import SessionError
-from fsdp_nb.results import rank_list
-from fsdp_nb.layout import Fsdp1Layout, Fsdp2Layout, fsdp1_layout, fsdp2_layout
+from fsdp_nb.session.launcher import SessionError
+from fsdp_nb.session.results import rank_list
+from fsdp_nb.layout.model import Fsdp1Layout, Fsdp2Layout, fsdp1_layout, fsdp2_layout
 
-_INSPECT = "__import__('fsdp_nb.inspect', fromlist=['inspect'])"
+_INSPECT = "__import__('fsdp_nb.layout.inspect', fromlist=['inspect'])"
 
 
 def _check_name(name: str) -> str:
@@ -34,14 +34,14 @@ def _eval(session, expr: str, name: str) -> list:
 
 
 def _silent():
-    from fsdp_nb.output import Silent
+    from fsdp_nb.session.output import Silent
 
     return Silent()
 
 
 def layout(session, name: str) -> Fsdp1Layout | Fsdp2Layout:
     """The real layout of the sharded module `name`, every rank's shard read on that rank."""
-    from fsdp_nb.inspect import merge_observed
+    from fsdp_nb.layout.inspect import merge_observed
 
     per_rank = _eval(session, f"{_INSPECT}.layout_of({_check_name(name)})", name)
     return merge_observed(per_rank)

@@ -18,9 +18,9 @@ import types
 import weakref
 from multiprocessing.connection import wait
 
-from fsdp_nb import protocol as P
-from fsdp_nb.results import rank_list
-from fsdp_nb.worker import main as worker_main
+from fsdp_nb.session import protocol as P
+from fsdp_nb.session.results import rank_list
+from fsdp_nb.rank.worker import main as worker_main
 
 START_MARGIN_S = 60.0  # on top of the pg timeout: importing torch in a cold process is slow
 CLOSE_GRACE_S = 5.0

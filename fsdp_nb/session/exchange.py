@@ -21,9 +21,9 @@ import threading
 import time
 from multiprocessing.connection import wait
 
-from fsdp_nb import protocol as P
-from fsdp_nb.launcher import exit_description, recv
-from fsdp_nb.results import CellResult, rank_list
+from fsdp_nb.session import protocol as P
+from fsdp_nb.session.launcher import exit_description, recv
+from fsdp_nb.session.results import CellResult, rank_list
 
 
 class _InterruptRelay:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from fsdp_nb import protocol as P
+from fsdp_nb.session import protocol as P
 
 
 def rank_list(ranks) -> str:

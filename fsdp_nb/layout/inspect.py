@@ -1,7 +1,7 @@
 """Read the layout and memory torch really produced, on a rank, from a live sharded module.
 
 `layout_of(module)` returns the same `Fsdp1Layout` / `Fsdp2Layout` types that
-`fsdp_nb.layout` models, so a notebook can put the model and the truth side by side.
+`fsdp_nb.layout.model` models, so a notebook can put the model and the truth side by side.
 A rank sees only its own shard: that one is read from torch (`observed_ranks`), the
 other ranks' are derived from torch's own metadata (FSDP1: `_numels_with_padding`,
 FSDP2: `Shard.local_shard_size_and_offset`). Gather every rank's result and call
@@ -24,8 +24,8 @@ from torch.distributed.fsdp._common_utils import clean_tensor_name
 from torch.distributed.fsdp._traversal_utils import _get_fsdp_handles
 from torch.distributed.tensor import DTensor, Shard
 
-from fsdp_nb.layout import Fsdp1Layout, Fsdp2Layout, ParamSpec, RankBytes, Segment, shard_flat
-from fsdp_nb.rules import fsdp1_problems, fsdp2_problems
+from fsdp_nb.layout.model import Fsdp1Layout, Fsdp2Layout, ParamSpec, RankBytes, Segment, shard_flat
+from fsdp_nb.layout.rules import fsdp1_problems, fsdp2_problems
 
 
 def _clean(module_name: str) -> str:

@@ -11,9 +11,9 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
-from fsdp_nb.dashboard import Dashboard
-from fsdp_nb.output import register_figure_formatter, show_figure, show_value
-from fsdp_nb.session import Session, SessionError, State
+from fsdp_nb.session.dashboard import Dashboard
+from fsdp_nb.session.output import register_figure_formatter, show_figure, show_value
+from fsdp_nb.session.session import Session, SessionError, State
 
 
 def _ranks_arg(text: str | None) -> list[int] | None:
@@ -152,7 +152,8 @@ class FSDPMagics(Magics):
     @line_magic
     def fsdp_layout(self, line):
         """Draw how a module in the session is sharded, next to the other FSDP version: %fsdp_layout model"""
-        from fsdp_nb import gather, viz
+        from fsdp_nb import viz
+        from fsdp_nb.session import gather
 
         args = parse_argstring(self.fsdp_layout, line)
         s = self._session()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
 if TYPE_CHECKING:
-    from fsdp_nb.layout import ParamSpec
+    from fsdp_nb.layout.model import ParamSpec
 
 
 @dataclass(frozen=True, kw_only=True)
