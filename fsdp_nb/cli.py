@@ -19,7 +19,7 @@ from typing import Callable
 
 import yaml
 
-from fsdp_nb.accelerate import convert_to_fsdp2
+from fsdp_nb.convert import convert_to_fsdp2
 from fsdp_nb.runfile import add_train_arguments, cli_train
 
 PROG = "fsdp-nb"

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from fsdp_nb.validate import is_int
 
 
 class Layer(nn.Module):
@@ -27,7 +28,7 @@ class Layer(nn.Module):
     def __init__(self, d_in: int = 4, d_hidden: int = 6, d_out: int = 3, *, bias: bool = True):
         super().__init__()
         for name, value in (("d_in", d_in), ("d_hidden", d_hidden), ("d_out", d_out)):
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not is_int(value) or value <= 0:
                 raise ValueError(f"Layer: {name}={value!r} must be a positive int")
         self.l1 = nn.Linear(d_in, d_hidden, bias=bias)
         self.l2 = nn.Linear(d_hidden, d_hidden, bias=bias)
@@ -68,7 +69,7 @@ class GPTConfig:
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not is_int(value) or value <= 0:
                 raise ValueError(f"GPTConfig: {name}={value!r} must be a positive int")
         if self.n_embd % self.n_head:
             raise ValueError(

@@ -34,6 +34,7 @@ from torch import nn
 from fsdp_nb.rank import events
 from fsdp_nb.data import ByteBlocks, ShardedBatches, check_batch_split
 from fsdp_nb.layout.inspect import memory_of
+from fsdp_nb.validate import is_int
 
 if TYPE_CHECKING:
     from fsdp_nb.config import FSDPConfig
@@ -78,11 +79,11 @@ class TrainConfig:
     def __post_init__(self):
         for name in ("steps", "global_batch_size", "grad_accum_steps", "eval_batches"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"TrainConfig: {name}={value!r} must be an int >= 1")
         for name in ("warmup_steps", "eval_interval", "seed", "log_interval"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            if not is_int(value) or value < 0:
                 raise ValueError(f"TrainConfig: {name}={value!r} must be an int >= 0")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"TrainConfig: schedule={self.schedule!r}; accepted: {SCHEDULES}")

@@ -3,6 +3,7 @@
 import dataclasses
 import re
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -322,3 +323,16 @@ def test_parse_bool_uses_accelerates_truth_words():
 def test_unknown_keyword_names_close_fields_and_accepted_ones():
     with pytest.raises(TypeError, match=r"unknown FSDPConfig field 'fsdp_verison' \(did you mean 'fsdp_version'\?\); accepted: fsdp_version, "):
         FSDPConfig(fsdp_verison=2)
+
+
+def test_warnings_point_at_the_users_line():
+    """Not at config.py: the warning's filename is this test file, however the config is built."""
+    import dataclasses
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        FSDPConfig(fsdp_version=2, sync_module_states=True)  # UserWarning
+        FSDPConfig(fsdp_version=2, sharding_strategy="FULL_SHARD")  # FutureWarning
+        dataclasses.replace(quiet(fsdp_version=1), fsdp_version=2)  # FutureWarning, via dataclasses.py
+    assert len(caught) == 3
+    assert {Path(w.filename).name for w in caught} == {Path(__file__).name}, [w.filename for w in caught]

@@ -15,7 +15,8 @@ import torch
 import yaml
 
 from fsdp_nb.config import FSDPConfig, MixedPrecision
-from fsdp_nb.accelerate import YAML_KEY_TO_FIELD, accelerate_dict, config_from_accelerate, convert_to_fsdp2
+from fsdp_nb.accelerate import YAML_KEY_TO_FIELD, accelerate_dict
+from fsdp_nb.convert import config_from_accelerate, convert_to_fsdp2
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 FSDP1, FSDP2, SHARD_GRAD_OP = (EXAMPLES / f"{n}.yaml" for n in ("accelerate_fsdp1", "accelerate_fsdp2",

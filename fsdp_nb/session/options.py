@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from fsdp_nb.validate import is_int, is_number
 
 DEVICES = ("cpu", "cuda")
 BACKENDS = ("gloo", "nccl")
@@ -34,7 +35,7 @@ class SessionConfig:
 
     def __post_init__(self):
         n = self.nprocs
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        if not is_int(n) or n < 1:
             raise ValueError(f"nprocs={n!r} is not valid: give a whole number of ranks >= 1, e.g. -n 2")
         if self.device not in DEVICES:
             raise ValueError(f"device={self.device!r} is not valid: use one of {', '.join(DEVICES)}")
@@ -42,10 +43,10 @@ class SessionConfig:
         if backend not in BACKENDS:
             raise ValueError(f"backend={self.backend!r} is not valid: use one of {', '.join(BACKENDS)}")
         object.__setattr__(self, "backend", backend)
-        if not isinstance(self.timeout, (int, float)) or isinstance(self.timeout, bool) or self.timeout <= 0:
+        if not is_number(self.timeout) or self.timeout <= 0:
             raise ValueError(f"timeout={self.timeout!r} is not valid: give seconds > 0, e.g. --timeout 60")
         t = self.threads
-        if isinstance(t, bool) or not isinstance(t, int) or t < 1:
+        if not is_int(t) or t < 1:
             raise ValueError(f"threads={t!r} is not valid: give a whole number >= 1, e.g. --threads 1")
         if backend == "nccl" or self.device == "cuda":
             gpus = _cuda_count()
