@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from fsdp_nb.layout.model import Fsdp1Layout, ParamSpec, Segment, chunk_range, fsdp1_layout, fsdp2_layout, specs_of
+from fsdp_nb.layout import Fsdp1Layout, ParamSpec, Segment, chunk_range, fsdp1_layout, fsdp2_layout, specs_of
 from fsdp_nb.models import Layer
 
 

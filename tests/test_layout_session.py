@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 
-from fsdp_nb.layout.model import Fsdp1Layout, Fsdp2Layout, fsdp1_layout, fsdp2_layout, specs_of
+from fsdp_nb.layout import Fsdp1Layout, Fsdp2Layout, fsdp1_layout, fsdp2_layout, specs_of
 from fsdp_nb.models import Layer
 
 pytestmark = pytest.mark.timeout(90)
@@ -114,7 +114,7 @@ def torch_f32():
 
 def test_layout_magic_prints_tables_and_draws(ipshell, session, capsys, monkeypatch):
     shown = []
-    monkeypatch.setattr("fsdp_nb.session.magics.show_figure", shown.append)
+    monkeypatch.setattr("fsdp_nb.viz.show.show_figure", shown.append)
     session.run(FSDP1.format(orig=False) + "opt = torch.optim.Adam(m1.parameters())").raise_errors()
     ipshell.run_line_magic("fsdp_layout", "m1 --memory opt")
     out = capsys.readouterr().out

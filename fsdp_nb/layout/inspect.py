@@ -24,7 +24,8 @@ from torch.distributed.fsdp._common_utils import clean_tensor_name
 from torch.distributed.fsdp._traversal_utils import _get_fsdp_handles
 from torch.distributed.tensor import DTensor, Shard
 
-from fsdp_nb.layout.model import Fsdp1Layout, Fsdp2Layout, ParamSpec, RankBytes, Segment, shard_flat
+from fsdp_nb.layout.model import Fsdp1Layout, Fsdp2Layout, shard_flat
+from fsdp_nb.layout.specs import ParamSpec, RankBytes, Segment
 from fsdp_nb.layout.rules import fsdp1_problems, fsdp2_problems
 
 

@@ -9,28 +9,9 @@ runs at the first forward and only looks at trainable parameters.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
-if TYPE_CHECKING:
-    from fsdp_nb.layout.model import ParamSpec
-
-
-@dataclass(frozen=True, kw_only=True)
-class Problem:
-    """Why torch would reject (severity "error") or regret (severity "warning") a configuration."""
-
-    severity: str
-    """"error" (torch raises) or "warning" (it works, at a cost)."""
-    message: str
-    """The explanation, in the user's terms."""
-    raises: str = ""
-    """What torch raises, e.g. "ValueError: Must flatten tensors ..."; empty for warnings."""
-    when: str = ""
-    """When torch raises: "at wrap time" or "at the first forward"."""
-
-    def __post_init__(self):
-        if self.severity not in ("error", "warning"):
-            raise ValueError(f"Problem: severity={self.severity!r} must be 'error' or 'warning'")
+from fsdp_nb.layout.specs import ParamSpec, Problem
 
 
 def _error(when: str, raises: str, message: str) -> Problem:

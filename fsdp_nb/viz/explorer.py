@@ -14,7 +14,7 @@ import torch
 from matplotlib import rc_context
 from matplotlib.figure import Figure
 
-from fsdp_nb.layout.model import ParamSpec, fsdp1_layout, fsdp2_layout
+from fsdp_nb.layout import ParamSpec, fsdp1_layout, fsdp2_layout
 from fsdp_nb.viz.layout_figs import draw_fsdp1, draw_fsdp2
 from fsdp_nb.viz.tables import format_fsdp1
 

@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.transforms import blended_transform_factory
 
-from fsdp_nb.layout.model import Fsdp1Layout, Fsdp2Layout
+from fsdp_nb.layout import Fsdp1Layout, Fsdp2Layout
 
 PAD_HATCH = "///"
 PAD_FACE = "#f2f2f2"

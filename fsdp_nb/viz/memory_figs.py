@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from fsdp_nb.layout.model import Fsdp1Layout, Fsdp2Layout, RankBytes
+from fsdp_nb.layout import Fsdp1Layout, Fsdp2Layout, RankBytes
 from fsdp_nb.viz.layout_figs import PAD_FACE, PAD_HATCH
 
 CATEGORY_COLORS = {"params": "#4C72B0", "grads": "#DD8452", "optimizer": "#55A868"}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from fsdp_nb.layout.model import Fsdp1Layout, Fsdp2Layout, Problem
+from fsdp_nb.layout import Fsdp1Layout, Fsdp2Layout, Problem
 
 
 def format_problems(problems: Sequence[Problem]) -> str:
