@@ -1,21 +1,25 @@
 """fsdp_nb: learn, inspect and run PyTorch FSDP (FSDP1 and FSDP2) from Jupyter.
 
-In a notebook: `%load_ext fsdp_nb`, then `%fsdp_launch -n 2` and `%%fsdp` cells.
+In a notebook: `%load_ext fsdp_nb`, then `%fsdp_launch -n 2` and `%%fsdp` cells;
+`fsdp_nb.current_session()` hands back the session the magics drive.
 In plain Python: `Session`, `shard`, `Trainer`, `FSDPConfig`.
 
-Imports are lazy: ranks import `fsdp_nb.rank.worker` at spawn, and should not pay for
-matplotlib, IPython or torch.distributed until they use them.
+Imports are lazy: ranks import `fsdp_nb.rank.worker` at spawn, and should not pay
+for matplotlib, IPython or torch.distributed until they use them.
 """
 from __future__ import annotations
 
-import importlib
+from typing import TYPE_CHECKING
+
+from fsdp_nb._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
 _LAZY = {
     "Session": "fsdp_nb.session.session",
-    "SessionError": "fsdp_nb.session.launcher",
     "State": "fsdp_nb.session.session",
+    "current_session": "fsdp_nb.session.session",
+    "SessionError": "fsdp_nb.session.errors",
     "SessionConfig": "fsdp_nb.session.options",
     "CellResult": "fsdp_nb.session.results",
     "RankError": "fsdp_nb.session.results",
@@ -32,13 +36,20 @@ _LAZY = {
 }
 
 __all__ = sorted(_LAZY) + ["load_ipython_extension", "unload_ipython_extension"]
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
 
-
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'fsdp_nb' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name loads on first use
+    from fsdp_nb.config import FSDPConfig
+    from fsdp_nb.models import GPT, GPTConfig, Layer
+    from fsdp_nb.optim_guard import check_optimizer
+    from fsdp_nb.precision import MixedPrecision
+    from fsdp_nb.rank.events import emit
+    from fsdp_nb.session.errors import SessionError
+    from fsdp_nb.session.options import SessionConfig
+    from fsdp_nb.session.results import CellResult, RankError
+    from fsdp_nb.session.session import Session, State, current_session
+    from fsdp_nb.sharding import shard
+    from fsdp_nb.train import TrainConfig, Trainer
 
 
 def load_ipython_extension(ipython) -> None:

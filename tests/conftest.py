@@ -26,7 +26,7 @@ def _shared_session():
 @pytest.fixture
 def session(_shared_session):
     """The shared 2-rank session, READY (restarted if an earlier test broke it)."""
-    from fsdp_nb.session.session import State
+    from fsdp_nb.session import State
 
     if _shared_session.state != State.READY:
         _shared_session.restart() if _shared_session.state != State.CLOSED else _shared_session.start()
@@ -44,25 +44,25 @@ def _shell():
 
 @pytest.fixture
 def bare_shell():
-    """The IPython shell with no session attached (for launch-error tests)."""
+    """The IPython shell with no current session (for launch-error tests)."""
+    from fsdp_nb.session import session as module
+
     shell = _shell()
-    magics = shell.magics_manager.registry["FSDPMagics"]
-    saved, magics.session = magics.session, None
+    saved, module._current = module._current, None
     yield shell
-    magics.session = saved
+    module._current = saved
 
 
 @pytest.fixture
 def ipshell(session):
-    """A real in-process IPython shell with the extension loaded, bound to the shared session."""
+    """A real in-process IPython shell with the extension loaded, driving the shared session."""
+    from fsdp_nb.session import session as module
+
     shell = _shell()
-    magics = shell.magics_manager.registry["FSDPMagics"]
-    magics.session = session
-    if magics.dashboard not in session.event_handlers:
-        session.event_handlers.append(magics.dashboard)
+    saved = module._current
+    session.activate()
     yield shell
-    session.event_handlers[:] = [h for h in session.event_handlers if h is not magics.dashboard]
-    magics.session = None
+    module._current = saved
 
 
 class Recorder:

@@ -63,7 +63,7 @@ class Kernel:
         return reply["content"], "".join(texts), errors
 
     def pids(self) -> list[int]:
-        _, out, _ = self.run("print(get_ipython().magics_manager.registry['FSDPMagics'].session.pids)")
+        _, out, _ = self.run("import fsdp_nb; print(fsdp_nb.current_session().pids)")
         return eval(out.strip())
 
     def start_interrupt_after(self, code: str, delay: float) -> tuple[float, dict, list[dict]]:

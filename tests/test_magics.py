@@ -6,6 +6,7 @@ import multiprocessing as mp
 import pytest
 from IPython.core.error import UsageError
 
+import fsdp_nb
 from fsdp_nb import RankError
 from fsdp_nb.session.session import State
 
@@ -126,14 +127,13 @@ def test_broken_session_suggests_restart_then_restart_works(ipshell, session, ca
     assert session.state == State.READY and session.eval("rank") == [0, 1]
 
 
-def test_progress_and_metrics_events_drive_the_dashboard(ipshell):
-    magics = ipshell.magics_manager.registry["FSDPMagics"]
-    magics.dashboard.widgets = True  # what a Jupyter kernel uses
+def test_progress_and_metrics_events_drive_the_dashboard(ipshell, session):
+    dash = session.dashboard  # the dashboard belongs to the session
+    dash.widgets = True  # what a Jupyter kernel uses
     try:
         ipshell.run_cell_magic("fsdp", "", "from fsdp_nb import events\nfor i in range(1, 6):\n"
                                "    events.emit('progress', step=i, total=5, desc='train')\n"
                                "    events.emit('metrics', step=i, loss=10.0 / i, run='demo')")
-        dash = magics.dashboard
         assert (dash.bar.value, dash.bar.max, dash.label.value) == (5, 5, "train 5/5")
         assert dash.image.value[:8] == b"\x89PNG\r\n\x1a\n"
         fig = dash.figure("loss")
@@ -141,7 +141,7 @@ def test_progress_and_metrics_events_drive_the_dashboard(ipshell):
         assert sorted(ln.get_label() for ln in lines) == ["demo rank 0", "demo rank 1"]
         assert list(lines[0].get_ydata()) == [10.0, 5.0, 10.0 / 3, 2.5, 2.0]
     finally:
-        magics.dashboard.widgets = False
+        dash.widgets = False
 
 
 def test_env_variable_makes_collated_the_default(ipshell, capsys, monkeypatch):
@@ -162,11 +162,12 @@ def test_dashboard_restarts_a_curve_when_a_run_is_repeated():
 
 def test_restart_after_shutdown_relaunches_with_the_same_options(bare_shell, capsys):
     bare_shell.run_line_magic("fsdp_launch", "-n 1 --timeout 30")
-    magics = bare_shell.magics_manager.registry["FSDPMagics"]
+    session = fsdp_nb.current_session()
     try:
         bare_shell.run_line_magic("fsdp_shutdown", "")
         bare_shell.run_line_magic("fsdp_restart", "")
         assert "1 ranks restarted" in capsys.readouterr().out
-        assert magics.session.config.timeout == 30 and magics.session.eval("world_size") == [1]
+        assert fsdp_nb.current_session() is session
+        assert session.config.timeout == 30 and session.eval("world_size") == [1]
     finally:
-        magics.session.close()
+        session.close()

@@ -247,13 +247,26 @@ def test_hung_collective_returns_within_timeout():
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
 
 
-def test_session_as_context_manager_leaves_no_process():
-    with Session(1) as s:
-        assert s.eval("world_size") == [1]
+def test_session_as_context_manager_starts_on_enter_and_leaves_no_process():
+    s = Session(1, start=False)
+    assert s.state == State.CLOSED
+    with s:  # `with Session(1, start=False)` starts the ranks here
+        assert s.state == State.READY and s.eval("world_size") == [1]
         procs = [rk.proc for rk in s._ranks]
     assert s.state == State.CLOSED and all(p.exitcode == 0 for p in procs)
     with pytest.raises(SessionError, match="%fsdp_launch"):
         s.eval("1")
+
+
+def test_a_python_session_can_drive_the_magics(session, bare_shell, capsys):
+    """session.activate() binds a Session made in Python, as ipyparallel's view.activate() does."""
+    import fsdp_nb
+
+    assert session.activate() is session and fsdp_nb.current_session() is session
+    bare_shell.run_cell_magic("fsdp", "--collate", "print(rank * 7)")
+    assert capsys.readouterr().out == "[rank 0] 0\n[rank 1] 7\n"
+    bare_shell.run_line_magic("fsdp_status", "")
+    assert f"pid {session.pids[1]}" in capsys.readouterr().out
 
 
 def test_clean_exit_after_autograd_work(tmp_path):

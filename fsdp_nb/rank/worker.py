@@ -4,7 +4,7 @@
 process group, then loops: receive a request, run it in the rank's persistent
 namespace, stream output and events back, finish with one Done.
 
-Lifetime rules (see DESIGN.md, "Signals"):
+Lifetime rules (docs/architecture.md, "Signals"):
 - The rank sits in its own session (setsid, as torchrun does), so a Ctrl-C or a kernel interrupt aimed at
   the kernel's group never reaches it directly; the kernel relays interrupts, and a
   SIGINT only raises KeyboardInterrupt while user code runs.
@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 import types
+from typing import NoReturn
 
 from fsdp_nb.rank import events
 from fsdp_nb.session import protocol as P
@@ -139,7 +140,9 @@ def main(rank: int, world_size: int, conn, opts: dict) -> None:
     _loop(state, dist)
 
 
-def _loop(state: _Rank, dist) -> None:
+def _loop(state: _Rank, dist) -> NoReturn:
+    """Serve requests until the process ends: it never returns, it exits (os._exit) on
+    Shutdown, on a closed pipe, or from the watchdog when the kernel dies."""
     handlers = {P.Execute: _execute, P.Push: _push, P.Pull: _pull}
     while True:
         try:
@@ -147,7 +150,7 @@ def _loop(state: _Rank, dist) -> None:
         except (EOFError, OSError):  # the kernel closed the pipe or died
             os._exit(0)
         if isinstance(msg, P.Shutdown):
-            _shutdown(state, dist, msg)
+            _shutdown(state, dist, msg)  # NoReturn: the process exits inside
         state.request_id = msg.id
         t0 = time.perf_counter()
         done = handlers[type(msg)](state, msg)
@@ -220,7 +223,8 @@ def _pull(state: _Rank, msg: P.Pull) -> P.Done:
     return done
 
 
-def _shutdown(state: _Rank, dist, msg: P.Shutdown) -> None:
+def _shutdown(state: _Rank, dist, msg: P.Shutdown) -> NoReturn:
+    """Leave the process group, answer Done, and exit the process: this never returns."""
     try:
         if dist.is_initialized():
             dist.barrier()

@@ -5,17 +5,19 @@ sides share, and must not pull in the kernel machinery with it.
 """
 from __future__ import annotations
 
-import importlib
+from typing import TYPE_CHECKING
+
+from fsdp_nb._lazy import lazy_exports
 
 _LAZY = {
     "Session": "fsdp_nb.session.session",
     "State": "fsdp_nb.session.session",
-    "SessionError": "fsdp_nb.session.launcher",
+    "current_session": "fsdp_nb.session.session",
+    "SessionError": "fsdp_nb.session.errors",
 }
+__all__ = sorted(_LAZY)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
 
-
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'fsdp_nb.session' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+if TYPE_CHECKING:
+    from fsdp_nb.session.errors import SessionError
+    from fsdp_nb.session.session import Session, State, current_session

@@ -17,16 +17,15 @@ REDRAW_S = 0.5
 
 
 def _in_kernel() -> bool:
-    try:
-        from IPython import get_ipython
-    except ImportError:
+    ipython = sys.modules.get("IPython")  # never imported: not a kernel, and no need to pay for it
+    if ipython is None:
         return False
-    shell = get_ipython()
+    shell = ipython.get_ipython()
     return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
 
 
 class Dashboard:
-    """Callable event handler: `Session.event_handlers.append(Dashboard())`."""
+    """A session's event handler (`session.dashboard`): progress bar and live metric curves."""
 
     def __init__(self, widgets: bool | None = None):
         self.widgets = _in_kernel() if widgets is None else widgets

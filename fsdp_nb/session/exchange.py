@@ -71,15 +71,24 @@ class _InterruptRelay:
 
 
 class Exchange:
-    def __init__(self, session, msgs: dict[int, object], out):
-        self.session, self.msgs, self.out = session, msgs, out
-        self.result = CellResult(ranks=sorted(msgs), world_size=session.config.nprocs)
+    """Send one message to each rank in `msgs`, then collect their output, events and Done.
+
+    Everything it needs comes in as arguments: the rank processes, the request id,
+    the event handlers and the two deadlines, so it never reaches into the Session.
+    """
+
+    def __init__(self, ranks: list, msgs: dict[int, object], out, *, request_id: int, handlers: list,
+                 stuck_after_s: float, interrupt_grace_s: float):
+        self.ranks, self.msgs, self.out, self.id = ranks, msgs, out, request_id
+        self.handlers = handlers  # callables (rank, kind, payload), called for every Event
+        self.stuck_after_s = stuck_after_s  # once a rank failed: pg timeout + margin for its peers
+        self.interrupt_grace_s = interrupt_grace_s
+        self.result = CellResult(ranks=sorted(msgs), world_size=len(ranks))
         self.pending = set(msgs)
         self.deadline: float | None = None
-        self.id = next(session._ids)
 
     def run(self) -> CellResult:
-        ranks = self.session._ranks
+        ranks = self.ranks
         for r, msg in self.msgs.items():
             msg.id = self.id
             try:
@@ -111,7 +120,7 @@ class Exchange:
                 else:
                     res.interrupted = True
                     self._signal(sorted(self.pending))
-                    self.deadline = time.monotonic() + self.session.INTERRUPT_GRACE_S
+                    self.deadline = time.monotonic() + self.interrupt_grace_s
             for obj in ready:
                 r = by_obj.get(obj)
                 if r is None or r not in self.pending:
@@ -131,7 +140,7 @@ class Exchange:
 
     def _signal(self, ranks: list[int]) -> None:
         for r in ranks:
-            proc = self.session._ranks[r].proc
+            proc = self.ranks[r].proc
             if proc.exitcode is None:
                 os.kill(proc.pid, signal.SIGINT)
 
@@ -160,11 +169,11 @@ class Exchange:
             self.result.order.append(r)
             self.pending.discard(r)
             if msg.error is not None and self.pending and self.deadline is None:
-                self.deadline = time.monotonic() + self.session.config.timeout + self.session.STUCK_MARGIN_S
+                self.deadline = time.monotonic() + self.stuck_after_s
 
     def _event(self, r: int, msg: P.Event) -> None:
         self.result.events.append((r, msg.kind, msg.payload))
-        for handler in list(self.session.event_handlers):
+        for handler in list(self.handlers):
             try:
                 handler(r, msg.kind, msg.payload)
             except Exception as e:  # a broken display must not lose the cell

@@ -19,15 +19,12 @@ import weakref
 from multiprocessing.connection import wait
 
 from fsdp_nb.session import protocol as P
+from fsdp_nb.session.errors import SessionError
 from fsdp_nb.session.results import rank_list
 from fsdp_nb.rank.worker import main as worker_main
 
 START_MARGIN_S = 60.0  # on top of the pg timeout: importing torch in a cold process is slow
 CLOSE_GRACE_S = 5.0
-
-
-class SessionError(RuntimeError):
-    """An operation that the session's state does not allow; the message says what to do."""
 
 
 def exit_description(code: int | None) -> str:

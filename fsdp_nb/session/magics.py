@@ -1,7 +1,10 @@
 """The %fsdp_* magics: thin wrappers that parse flags, call the Session, and render.
 
-Every bad input becomes a one-line UsageError that says what to do; SessionError
-and config ValueErrors are translated here and nowhere else.
+The magics hold no session of their own: they drive `current_session()`, the one
+`%fsdp_launch` made or `Session.activate()` bound, as ipyparallel's magics drive
+the view that the user activated. Every bad input becomes a one-line UsageError
+that says what to do; SessionError and config ValueErrors are translated here and
+nowhere else.
 """
 from __future__ import annotations
 
@@ -11,9 +14,10 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
-from fsdp_nb.session.dashboard import Dashboard
-from fsdp_nb.session.output import register_figure_formatter, show_figure, show_value
-from fsdp_nb.session.session import Session, SessionError, State
+from fsdp_nb.session import session as _session
+from fsdp_nb.session.errors import SessionError
+from fsdp_nb.session.output import show_value
+from fsdp_nb.session.session import Session, State
 
 
 def _ranks_arg(text: str | None) -> list[int] | None:
@@ -27,12 +31,11 @@ def _ranks_arg(text: str | None) -> list[int] | None:
 
 @magics_class
 class FSDPMagics(Magics):
-    """Holds the notebook's one Session; each magic is a few lines over it."""
+    """Each magic is a few lines over the current session (`fsdp_nb.current_session()`)."""
 
-    def __init__(self, shell):
-        super().__init__(shell)
-        self.session: Session | None = None
-        self.dashboard = Dashboard()
+    @property
+    def session(self) -> Session | None:
+        return _session._current
 
     # ---- lifecycle ----------------------------------------------------------------
     @magic_arguments()
@@ -54,8 +57,7 @@ class FSDPMagics(Magics):
                               timeout=args.timeout, threads=args.threads, start=False)
         except ValueError as e:
             raise UsageError(str(e)) from None
-        session.event_handlers.append(self.dashboard)
-        self.session = session
+        session.activate()
         self._guard(session.start)
         self._summary("ready", time.perf_counter() - t0)
 
@@ -105,11 +107,7 @@ class FSDPMagics(Magics):
         args = parse_argstring(self.fsdp, line)
         s = self._session()
         ranks = _ranks_arg(args.ranks)
-        self.dashboard.new_cell()
-        try:
-            result = self._guard(lambda: s.run(cell, ranks=ranks, collate=args.collate))
-        finally:
-            self.dashboard.finish()
+        result = self._guard(lambda: s.run(cell, ranks=ranks, collate=args.collate))
         for note in result.notes():
             print(note)
         values = result.values
@@ -154,6 +152,7 @@ class FSDPMagics(Magics):
         """Draw how a module in the session is sharded, next to the other FSDP version: %fsdp_layout model"""
         from fsdp_nb import viz
         from fsdp_nb.session import gather
+        from fsdp_nb.viz.show import show_figure
 
         args = parse_argstring(self.fsdp_layout, line)
         s = self._session()
@@ -213,11 +212,12 @@ class FSDPMagics(Magics):
 
 
 def load(ipython) -> None:
+    from fsdp_nb.viz.show import register_figure_formatter
+
     ipython.register_magics(FSDPMagics)
     register_figure_formatter(ipython)
 
 
 def unload(ipython) -> None:
-    magics = ipython.magics_manager.registry.get("FSDPMagics")
-    if magics is not None and magics.session is not None:
-        magics.session.close()
+    if _session._current is not None:
+        _session._current.close()

@@ -4,6 +4,10 @@
         s.run("x = rank * 10")
         s.eval("x")            # [0, 10]
 
+The notebook's magics work on one session, the current one: `%fsdp_launch` makes
+it, `session.activate()` binds one made in Python, and `current_session()` hands
+it back to the user.
+
 Every operation checks the explicit state (STARTING / READY / BUSY / BROKEN / CLOSED)
 and says what to do when it is wrong. The wait loop watches each rank's pipe and
 process sentinel together, so a dead rank is reported at once, a failed rank's peers
@@ -21,11 +25,13 @@ import threading
 import time
 
 from fsdp_nb.session import protocol as P
+from fsdp_nb.session.dashboard import Dashboard
 from fsdp_nb.session.exchange import Exchange
 from fsdp_nb.session.export import Step, script
 from fsdp_nb.session.output import CollatedPrinter, Silent, printer
 from fsdp_nb.session.results import CellResult, rank_list
-from fsdp_nb.session.launcher import RankGroup, SessionError, exit_description
+from fsdp_nb.session.errors import SessionError
+from fsdp_nb.session.launcher import RankGroup, exit_description
 from fsdp_nb.session.options import SessionConfig
 
 INTERRUPT_GRACE_S = 2.0  # ranks get this long to stop after an interrupt
@@ -58,7 +64,10 @@ class Session:
         self.broken_reason: str | None = None
         self.torch_version = ""
         self.history: list[Step] = []  # cells that succeeded, and pushes: what export() writes
-        self.event_handlers: list = []  # callables (rank, kind, payload)
+        # Rank events (progress, metrics) become a progress bar and a live loss plot: widgets
+        # in a notebook, a text bar on stderr elsewhere. Curves persist across this session's cells.
+        self.dashboard = Dashboard()
+        self.event_handlers: list = [self.dashboard]  # callables (rank, kind, payload)
         self.running: tuple[str, float] | None = None  # (source, start time) of the cell in flight
         self._group: RankGroup | None = None
         self._ids = itertools.count(1)
@@ -96,7 +105,15 @@ class Session:
         self.history.clear()
         return self.start()
 
+    def activate(self) -> "Session":
+        """Make this the session that the %fsdp_* magics and `current_session()` use; returns it."""
+        global _current
+        _current = self
+        return self
+
     def __enter__(self) -> "Session":
+        if self.state == State.CLOSED:
+            self.start()  # `with Session(2, start=False) as s:` starts here
         return self
 
     def __exit__(self, *exc) -> None:
@@ -154,7 +171,13 @@ class Session:
         targets = self._targets(ranks)
         cell = next(self._cells)
         out = output if output is not None else printer(collate)
-        result = self._request({r: P.Execute(0, source, cell, want_result) for r in targets}, out, source)
+        if record:
+            self.dashboard.new_cell()  # a user's cell: its own progress bar and plot
+        try:
+            result = self._request({r: P.Execute(0, source, cell, want_result) for r in targets}, out, source)
+        finally:
+            if record:
+                self.dashboard.finish()
         result.by_rank = isinstance(out, CollatedPrinter)  # collated: errors in rank order too
         if result.ok and record:
             self.history.append(Step(source=source, ranks=tuple(targets) if ranks is not None else None))
@@ -231,7 +254,10 @@ class Session:
         try:
             self.state = State.BUSY
             self.running = (source, time.monotonic()) if source is not None else None
-            result = Exchange(self, msgs, out).run()
+            result = Exchange(
+                self._ranks, msgs, out, request_id=next(self._ids), handlers=self.event_handlers,
+                stuck_after_s=self.config.timeout + self.STUCK_MARGIN_S, interrupt_grace_s=self.INTERRUPT_GRACE_S,
+            ).run()
             if result.broken:
                 self._mark_broken(result.broken)
             elif self.state == State.BUSY:
@@ -241,6 +267,15 @@ class Session:
             self.running = None
             self._lock.release()
 
+
+_current: Session | None = None  # the notebook's session: the one the magics drive
+
+
+def current_session() -> Session:
+    """The session the %fsdp_* magics use (made by `%fsdp_launch` or bound by `Session.activate()`)."""
+    if _current is None:
+        raise SessionError("no fsdp_nb session yet: run %fsdp_launch -n 2 (or Session(2).activate() in Python)")
+    return _current
 
 
 def _picklable(v) -> bool:

@@ -1,24 +1,32 @@
 """Pictures and text of FSDP layouts and memory, plus the no-process layout explorer.
 
 Figures are pure functions of data (a layout or memory reports in, a Figure out);
-`explore()` only wires ipywidgets controls to them, and is imported on first use.
+`explore()` only wires ipywidgets controls to them. Names are imported on first use,
+so loading the notebook extension does not import matplotlib's figure code or torch.
 """
 from __future__ import annotations
 
-from fsdp_nb.viz.layout_figs import draw_fsdp1, draw_fsdp2, plot_comparison, plot_fsdp1, plot_fsdp2
-from fsdp_nb.viz.memory_figs import plot_memory
-from fsdp_nb.viz.tables import format_fsdp1, format_fsdp2, format_layout, format_memory, format_problems, format_shapes
+from typing import TYPE_CHECKING
 
-from fsdp_nb.session.output import register_figure_formatter
+from fsdp_nb._lazy import lazy_exports
+from fsdp_nb.viz.show import register_figure_formatter
 
 register_figure_formatter()  # figures returned by these functions render in notebooks
 
-__all__ = ["draw_fsdp1", "draw_fsdp2", "explore", "format_fsdp1", "format_fsdp2", "format_layout", "format_memory",
-           "format_problems", "format_shapes", "plot_comparison", "plot_fsdp1", "plot_fsdp2", "plot_memory"]
+_LAZY = {
+    **dict.fromkeys(["draw_fsdp1", "draw_fsdp2", "plot_comparison", "plot_fsdp1", "plot_fsdp2"],
+                    "fsdp_nb.viz.layout_figs"),
+    "plot_memory": "fsdp_nb.viz.memory_figs",
+    **dict.fromkeys(["format_fsdp1", "format_fsdp2", "format_layout", "format_memory", "format_problems",
+                     "format_shapes"], "fsdp_nb.viz.tables"),
+    "explore": "fsdp_nb.viz.explorer",
+}
+__all__ = sorted(_LAZY)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
 
-
-def explore(**settings):
-    """An interactive FSDP1 / FSDP2 layout explorer (ipywidgets); see `fsdp_nb.viz.explorer`."""
-    from fsdp_nb.viz.explorer import explore as _explore
-
-    return _explore(**settings)
+if TYPE_CHECKING:
+    from fsdp_nb.viz.explorer import explore
+    from fsdp_nb.viz.layout_figs import draw_fsdp1, draw_fsdp2, plot_comparison, plot_fsdp1, plot_fsdp2
+    from fsdp_nb.viz.memory_figs import plot_memory
+    from fsdp_nb.viz.tables import (format_fsdp1, format_fsdp2, format_layout, format_memory, format_problems,
+                                    format_shapes)
