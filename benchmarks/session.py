@@ -88,11 +88,11 @@ def floor_pipe_roundtrip(n: int) -> list[float]:
 def fsdp_nb_figures(cells: int, starts: int) -> dict:
     from IPython.core.interactiveshell import InteractiveShell
 
+    import fsdp_nb
     from fsdp_nb.session.output import Silent
 
     shell = InteractiveShell.instance()
     shell.run_line_magic("load_ext", "fsdp_nb")
-    magics = shell.magics_manager.registry["FSDPMagics"]
     start_times = []
     for _ in range(starts):
         t0 = time.perf_counter()
@@ -100,9 +100,9 @@ def fsdp_nb_figures(cells: int, starts: int) -> dict:
         start_times.append(time.perf_counter() - t0)
         shell.run_line_magic("fsdp_shutdown", "")
     shell.run_line_magic("fsdp_launch", "-n 2")
-    s = magics.session
+    s = fsdp_nb.current_session()
     magic_rt, run_rt = [], []
-    for i in range(cells + 20):
+    for _ in range(cells + 20):
         t0 = time.perf_counter()
         shell.run_cell_magic("fsdp", "", "x = 1")
         magic_rt.append(time.perf_counter() - t0)

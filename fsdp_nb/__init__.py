@@ -35,7 +35,7 @@ _LAZY = {
     "Layer": "fsdp_nb.models",
 }
 
-__all__ = sorted(_LAZY) + ["load_ipython_extension", "unload_ipython_extension"]
+__all__ = ["CellResult", "FSDPConfig", "GPT", "GPTConfig", "Layer", "MixedPrecision", "RankError", "Session", "SessionConfig", "SessionError", "State", "TrainConfig", "Trainer", "check_optimizer", "current_session", "emit", "shard", "load_ipython_extension", "unload_ipython_extension"]
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name loads on first use

@@ -7,7 +7,7 @@ them. `dir()`, completion and `from pkg import name` see the lazy names as usual
 from __future__ import annotations
 
 import importlib
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 
 def lazy_exports(package: str, names: Mapping[str, str], eager: dict) -> tuple[Callable, Callable]:

@@ -17,8 +17,9 @@ the config can use the table without an import cycle.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from fsdp_nb.precision import MixedPrecision
 from fsdp_nb.validate import parse_bool

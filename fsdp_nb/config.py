@@ -29,15 +29,38 @@ import difflib
 import enum
 import os
 import re
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
-from fsdp_nb.accelerate import (AUTO_WRAP_POLICIES, BACKWARD_PREFETCH, BOOL_FIELDS, ENV_NAMES, FSDP_VERSIONS,
-                                IGNORED_IN_FSDP2, SHARDING_STRATEGIES, STATE_DICT_TYPES, STRATEGY_NOTES,
-                                STRATEGY_TO_RESHARD, YAML_KEY_TO_FIELD, YAML_NAMES, accelerate_dict,
-                                fields_from_env, fields_from_yaml)
+from fsdp_nb.accelerate import (
+    AUTO_WRAP_POLICIES,
+    BACKWARD_PREFETCH,
+    BOOL_FIELDS,
+    ENV_NAMES,
+    FSDP_VERSIONS,
+    IGNORED_IN_FSDP2,
+    SHARDING_STRATEGIES,
+    STATE_DICT_TYPES,
+    STRATEGY_NOTES,
+    STRATEGY_TO_RESHARD,
+    YAML_KEY_TO_FIELD,
+    YAML_NAMES,
+    accelerate_dict,
+    fields_from_env,
+    fields_from_yaml,
+)
 from fsdp_nb.precision import MixedPrecision, mixed_precision_of
-from fsdp_nb.validate import (FALSE_WORDS, TRUE_WORDS, check_bool, choice, invalid, is_int, name_list, parse_bool,
-                              warn_user)
+from fsdp_nb.validate import (
+    FALSE_WORDS,
+    TRUE_WORDS,
+    check_bool,
+    choice,
+    invalid,
+    is_int,
+    name_list,
+    parse_bool,
+    warn_user,
+)
 
 
 # ---- one check per field [Note: table-driven validation] ---------------------------

@@ -8,10 +8,16 @@ Pure: dicts in, dicts out. Reading and writing files happens in `cli.py`.
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
-from fsdp_nb.accelerate import REMOVED_IN_FSDP2, RENAMED_IN_FSDP2, STRATEGY_NOTES, STRATEGY_TO_RESHARD
-from fsdp_nb.accelerate import accelerate_dict  # noqa: F401 (public here since the first release)
+from fsdp_nb.accelerate import (
+    REMOVED_IN_FSDP2,
+    RENAMED_IN_FSDP2,
+    STRATEGY_NOTES,
+    STRATEGY_TO_RESHARD,
+    accelerate_dict,  # noqa: F401 (public here since the first release)
+)
 from fsdp_nb.config import FSDPConfig
 
 

@@ -86,7 +86,7 @@ class ByteBlocks(Dataset):
         chunk = self.tokens[i * T : i * T + T + 1].long()  # (T + 1,)
         return chunk[:-1], chunk[1:]  # (T,), (T,)
 
-    def split(self, val_fraction: float = 0.1) -> tuple["ByteBlocks", "ByteBlocks"]:
+    def split(self, val_fraction: float = 0.1) -> tuple[ByteBlocks, ByteBlocks]:
         """(train, val): the last `val_fraction` of the bytes, cut at a block boundary, is val."""
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"ByteBlocks.split: val_fraction={val_fraction!r} must be in (0, 1)")

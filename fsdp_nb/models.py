@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
 from fsdp_nb.validate import is_int
 
 
@@ -79,7 +80,7 @@ class GPTConfig:
             raise ValueError(f"GPTConfig: dropout={self.dropout!r} must be in [0, 1)")
 
     @classmethod
-    def debug(cls, **overrides) -> "GPTConfig":
+    def debug(cls, **overrides) -> GPTConfig:
         """A tiny model (2 blocks, width 32, context 16): ~30k parameters, fast on CPU."""
         sizes = dict(block_size=16, n_layer=2, n_head=2, n_embd=32)
         return cls(**{**sizes, **overrides})

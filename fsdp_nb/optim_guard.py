@@ -25,9 +25,14 @@ def remember_replaced(before: list[nn.Parameter], sharded: nn.Module) -> None:
     current = {id(p) for p in sharded.parameters()}
     for p in before:
         if id(p) not in current:
-            _replaced[id(p)] = weakref.ref(p, lambda _, key=id(p): _replaced.pop(key, None))
+            _replaced[id(p)] = weakref.ref(p, _forget(id(p)))
     if _hook_handle is None:
         _hook_handle = register_optimizer_step_pre_hook(_refuse_stale)
+
+
+def _forget(key: int):
+    """The weakref callback that drops `key` once its parameter is garbage-collected."""
+    return lambda _ref: _replaced.pop(key, None)
 
 
 def _held_replaced(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:

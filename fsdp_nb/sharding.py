@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import re
 import warnings
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -208,8 +209,7 @@ def _materialize(model: nn.Module, device: torch.device) -> None:
 
 
 def _apply_fsdp1(model: nn.Module, units: list[nn.Module], config: FSDPConfig) -> nn.Module:
-    from torch.distributed.fsdp import (BackwardPrefetch, CPUOffload, MixedPrecision,
-                                        ShardingStrategy)
+    from torch.distributed.fsdp import BackwardPrefetch, CPUOffload, MixedPrecision, ShardingStrategy
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp.wrap import CustomPolicy
 
@@ -256,8 +256,7 @@ def _apply_fsdp1(model: nn.Module, units: list[nn.Module], config: FSDPConfig) -
 
 def _apply_fsdp2(model: nn.Module, units: list[nn.Module], config: FSDPConfig, mesh: Any) -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy,
-                                        fully_shard)
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     device = compute_device()
     mesh = mesh or init_device_mesh(device.type, (dist.get_world_size(),))

@@ -31,9 +31,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fsdp_nb.rank import events
 from fsdp_nb.data import ByteBlocks, ShardedBatches, check_batch_split
 from fsdp_nb.layout.inspect import memory_of
+from fsdp_nb.rank import events
 from fsdp_nb.validate import is_int
 
 if TYPE_CHECKING:

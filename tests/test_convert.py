@@ -14,8 +14,8 @@ import pytest
 import torch
 import yaml
 
-from fsdp_nb.config import FSDPConfig, MixedPrecision
 from fsdp_nb.accelerate import YAML_KEY_TO_FIELD, accelerate_dict
+from fsdp_nb.config import FSDPConfig, MixedPrecision
 from fsdp_nb.convert import config_from_accelerate, convert_to_fsdp2
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from fsdp_nb import RankError
 from fsdp_nb.session.export import Step, script
 
 OPTS = dict(nprocs=2, device="cpu", backend="gloo", timeout=30.0, threads=1)
@@ -36,7 +37,7 @@ def test_exported_session_runs_under_torchrun_with_the_same_result(ipshell, sess
     ipshell.run_line_magic("fsdp_push", "scale")
     ipshell.run_cell_magic("fsdp", "", "t = torch.tensor([rank + 1.0]) * scale\ndist.all_reduce(t)")
     ipshell.run_cell_magic("fsdp", "--ranks 0", "print('total', t.item())")
-    with pytest.raises(Exception):
+    with pytest.raises(RankError):
         ipshell.run_cell_magic("fsdp", "", "undefined_name")  # failed cells are not exported
     path = tmp_path / "exported.py"
     ipshell.run_line_magic("fsdp_export", str(path))

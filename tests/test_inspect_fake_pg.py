@@ -21,8 +21,8 @@ from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from torch.distributed.tensor import Shard
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
-from fsdp_nb.layout.inspect import fsdp1_layouts_of, layout_of, memory_of, merge_observed, specs_of_sharded
 from fsdp_nb.layout import fsdp1_layout, fsdp2_layout, specs_of
+from fsdp_nb.layout.inspect import fsdp1_layouts_of, layout_of, memory_of, merge_observed, specs_of_sharded
 from fsdp_nb.models import Layer
 
 CPU = torch.device("cpu")

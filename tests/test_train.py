@@ -9,15 +9,15 @@ import os
 import subprocess
 import sys
 import textwrap
-from functools import lru_cache
+from functools import cache
 
 import pytest
 import torch
 
 from fsdp_nb.data import ByteBlocks, stdlib_corpus
 from fsdp_nb.models import GPT, GPTConfig
-from fsdp_nb.session.output import Silent
 from fsdp_nb.runfile import load_run_file
+from fsdp_nb.session.output import Silent
 from fsdp_nb.train import TrainConfig, Trainer, lr_at
 
 TOL = dict(rtol=1e-5, atol=1e-5)  # fp32; what the brief promises
@@ -47,7 +47,7 @@ def run(session, *sources: str):
     return session.run("\n".join(textwrap.dedent(s) for s in sources), output=Silent()).raise_errors()
 
 
-@lru_cache(maxsize=None)
+@cache
 def reference(**train) -> tuple[list[dict], dict]:
     """One process, whole global batch, no FSDP."""
     data = ByteBlocks(stdlib_corpus(CORPUS_BYTES), 16)

@@ -6,11 +6,19 @@ import io
 import pytest
 import torch
 
-from fsdp_nb.layout.inspect import MemoryReport
 from fsdp_nb.layout import ParamSpec, RankBytes, fsdp1_layout, fsdp2_layout, specs_of
+from fsdp_nb.layout.inspect import MemoryReport
 from fsdp_nb.models import Layer
-from fsdp_nb.viz import (format_fsdp1, format_fsdp2, format_memory, format_shapes, plot_comparison, plot_fsdp1,
-                         plot_fsdp2, plot_memory)
+from fsdp_nb.viz import (
+    format_fsdp1,
+    format_fsdp2,
+    format_memory,
+    format_shapes,
+    plot_comparison,
+    plot_fsdp1,
+    plot_fsdp2,
+    plot_memory,
+)
 
 SPECS = specs_of(Layer())
 

@@ -13,8 +13,8 @@ FlatParameter metadata (`_fqns`, `_shapes`, `_shard_param_infos`, ...).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -25,8 +25,8 @@ from torch.distributed.fsdp._traversal_utils import _get_fsdp_handles
 from torch.distributed.tensor import DTensor, Shard
 
 from fsdp_nb.layout.model import Fsdp1Layout, Fsdp2Layout, shard_flat
-from fsdp_nb.layout.specs import ParamSpec, RankBytes, Segment
 from fsdp_nb.layout.rules import fsdp1_problems, fsdp2_problems
+from fsdp_nb.layout.specs import ParamSpec, RankBytes, Segment
 
 
 def _clean(module_name: str) -> str:

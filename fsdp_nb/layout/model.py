@@ -23,11 +23,10 @@ moves equal sizes; the padding is real memory but invisible in `to_local()`.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
-from torch import nn
 
 from fsdp_nb.layout.rules import fsdp1_problems, fsdp2_problems
 from fsdp_nb.layout.specs import ParamSpec, Problem, RankBytes, Segment

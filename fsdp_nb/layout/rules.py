@@ -8,8 +8,7 @@ runs at the first forward and only looks at trainable parameters.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from collections.abc import Sequence
 
 from fsdp_nb.layout.specs import ParamSpec, Problem
 

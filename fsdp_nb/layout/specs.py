@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+
 from fsdp_nb.validate import is_int
 
 

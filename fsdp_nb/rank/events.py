@@ -13,7 +13,8 @@ Any other kind is recorded on the cell's result and otherwise ignored.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 _sink: Callable[[str, dict], None] | None = None
 

@@ -26,8 +26,8 @@ import types
 from typing import NoReturn
 
 from fsdp_nb.rank import events
+from fsdp_nb.rank.cells import RankStream, format_error, mime_bundle, run_source
 from fsdp_nb.session import protocol as P
-from fsdp_nb.rank.cells import RankStream, mime_bundle, run_source, format_error
 
 WATCHDOG_PERIOD_S = 0.2
 

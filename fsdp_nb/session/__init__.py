@@ -15,7 +15,7 @@ _LAZY = {
     "current_session": "fsdp_nb.session.session",
     "SessionError": "fsdp_nb.session.errors",
 }
-__all__ = sorted(_LAZY)
+__all__ = ["Session", "SessionError", "State", "current_session"]
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
 
 if TYPE_CHECKING:

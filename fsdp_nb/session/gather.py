@@ -6,9 +6,9 @@ read from torch on its own rank.
 """
 from __future__ import annotations
 
+from fsdp_nb.layout import Fsdp1Layout, Fsdp2Layout, fsdp1_layout, fsdp2_layout
 from fsdp_nb.session.errors import SessionError
 from fsdp_nb.session.results import rank_list
-from fsdp_nb.layout import Fsdp1Layout, Fsdp2Layout, fsdp1_layout, fsdp2_layout
 
 _INSPECT = "__import__('fsdp_nb.layout.inspect', fromlist=['inspect'])"
 

@@ -18,10 +18,10 @@ import types
 import weakref
 from multiprocessing.connection import wait
 
+from fsdp_nb.rank.worker import main as worker_main
 from fsdp_nb.session import protocol as P
 from fsdp_nb.session.errors import SessionError
 from fsdp_nb.session.results import rank_list
-from fsdp_nb.rank.worker import main as worker_main
 
 START_MARGIN_S = 60.0  # on top of the pg timeout: importing torch in a cold process is slow
 CLOSE_GRACE_S = 5.0
@@ -82,7 +82,7 @@ class RankGroup:
         _live.add(self)
 
     @classmethod
-    def spawn(cls, cfg) -> "RankGroup":
+    def spawn(cls, cfg) -> RankGroup:
         import torch.distributed as dist
 
         # The kernel holds the store's server socket, so no other session can take
@@ -157,7 +157,7 @@ class RankGroup:
 
 # Registered after multiprocessing's own exit hook, so it runs first (atexit is LIFO):
 # multiprocessing would otherwise join our still-running ranks forever.
-_live: "weakref.WeakSet[RankGroup]" = weakref.WeakSet()
+_live: weakref.WeakSet[RankGroup] = weakref.WeakSet()
 
 
 @atexit.register

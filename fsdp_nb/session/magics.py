@@ -26,7 +26,7 @@ def _ranks_arg(text: str | None) -> list[int] | None:
     try:
         return [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise UsageError(f"--ranks {text!r} is not valid: give rank numbers separated by commas, e.g. --ranks 0,1")
+        raise UsageError(f"--ranks {text!r} is not valid: give rank numbers separated by commas, e.g. --ranks 0,1") from None
 
 
 @magics_class

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+
 from fsdp_nb.validate import is_int, is_number
 
 DEVICES = ("cpu", "cuda")

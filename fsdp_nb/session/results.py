@@ -46,7 +46,7 @@ class CellResult:
     def values(self) -> list[Any]:
         """The cell's last-expression value per rank, indexed by rank (None where absent)."""
         out: list[Any] = [None] * self.world_size
-        for r, d in self.dones.items():
+        for r in self.dones:
             out[r] = self._load(r)[0]
         return out
 
@@ -68,7 +68,7 @@ class CellResult:
         return [f"[rank {r}] note: result shown as its repr: {self.dones[r].note}"
                 for r in sorted(self.dones) if self.dones[r].note]
 
-    def raise_errors(self) -> "CellResult":
+    def raise_errors(self) -> CellResult:
         if not self.ok:
             raise RankError(self)
         return self

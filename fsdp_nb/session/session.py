@@ -26,13 +26,13 @@ import time
 
 from fsdp_nb.session import protocol as P
 from fsdp_nb.session.dashboard import Dashboard
+from fsdp_nb.session.errors import SessionError
 from fsdp_nb.session.exchange import Exchange
 from fsdp_nb.session.export import Step, script
-from fsdp_nb.session.output import CollatedPrinter, Silent, printer
-from fsdp_nb.session.results import CellResult, rank_list
-from fsdp_nb.session.errors import SessionError
 from fsdp_nb.session.launcher import RankGroup, exit_description
 from fsdp_nb.session.options import SessionConfig
+from fsdp_nb.session.output import CollatedPrinter, Silent, printer
+from fsdp_nb.session.results import CellResult, rank_list
 
 INTERRUPT_GRACE_S = 2.0  # ranks get this long to stop after an interrupt
 STUCK_MARGIN_S = 5.0  # after a rank fails, its peers get pg timeout + this to finish
@@ -77,7 +77,7 @@ class Session:
             self.start()
 
     # ---- lifecycle ----------------------------------------------------------------
-    def start(self) -> "Session":
+    def start(self) -> Session:
         """Spawn the ranks and wait until every one has joined the process group."""
         if self.state != State.CLOSED:
             raise SessionError(f"the session is {self.state.value}; use restart() to start it again")
@@ -99,19 +99,19 @@ class Session:
             self._group.stop(graceful=self.state == State.READY)
         self.state = State.CLOSED
 
-    def restart(self) -> "Session":
+    def restart(self) -> Session:
         """Kill the ranks and start fresh ones with the same options. Namespaces are lost."""
         self.close()
         self.history.clear()
         return self.start()
 
-    def activate(self) -> "Session":
+    def activate(self) -> Session:
         """Make this the session that the %fsdp_* magics and `current_session()` use; returns it."""
         global _current
         _current = self
         return self
 
-    def __enter__(self) -> "Session":
+    def __enter__(self) -> Session:
         if self.state == State.CLOSED:
             self.start()  # `with Session(2, start=False) as s:` starts here
         return self

@@ -21,12 +21,18 @@ _LAZY = {
                      "format_shapes"], "fsdp_nb.viz.tables"),
     "explore": "fsdp_nb.viz.explorer",
 }
-__all__ = sorted(_LAZY)
+__all__ = ["draw_fsdp1", "draw_fsdp2", "explore", "format_fsdp1", "format_fsdp2", "format_layout", "format_memory", "format_problems", "format_shapes", "plot_comparison", "plot_fsdp1", "plot_fsdp2", "plot_memory"]
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
 
 if TYPE_CHECKING:
     from fsdp_nb.viz.explorer import explore
     from fsdp_nb.viz.layout_figs import draw_fsdp1, draw_fsdp2, plot_comparison, plot_fsdp1, plot_fsdp2
     from fsdp_nb.viz.memory_figs import plot_memory
-    from fsdp_nb.viz.tables import (format_fsdp1, format_fsdp2, format_layout, format_memory, format_problems,
-                                    format_shapes)
+    from fsdp_nb.viz.tables import (
+        format_fsdp1,
+        format_fsdp2,
+        format_layout,
+        format_memory,
+        format_problems,
+        format_shapes,
+    )

@@ -7,7 +7,7 @@ per rank, e.g. FSDP1 next to FSDP2) or `MemoryReport`s read from the ranks
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch

@@ -7,7 +7,7 @@ Element ranges are of the flattened parameter (FSDP1) or rows of dim 0 (FSDP2).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from fsdp_nb.layout import Fsdp1Layout, Fsdp2Layout, Problem
 
