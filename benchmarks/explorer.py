@@ -7,6 +7,7 @@ the explorer's observer recomputes both layouts, draws the figure and serializes
 it to the SVG the notebook shows. Baselines: the bare layout computation, and an
 figure of the same size with two empty panels, serialized the same way. The goal is < 100 ms.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,10 +22,28 @@ from fsdp_nb.viz.explorer import Explorer, ExplorerSettings, layer_specs, svg_ma
 
 def changes(n: int):
     """A deterministic walk over the controls: (control name, value) pairs."""
-    steps = [("world_size", 4), ("d_hidden", 7), ("freeze_l1", True), ("use_orig_params", True), ("world_size", 8),
-             ("l2_bf16", True), ("fsdp2_per_layer", False), ("d_out", 2), ("version", "1"), ("version", "2"),
-             ("version", "both"), ("world_size", 3), ("freeze_l1", False), ("l2_bf16", False), ("d_in", 9),
-             ("world_size", 2), ("d_hidden", 6), ("use_orig_params", False), ("fsdp2_per_layer", True), ("d_out", 3)]
+    steps = [
+        ("world_size", 4),
+        ("d_hidden", 7),
+        ("freeze_l1", True),
+        ("use_orig_params", True),
+        ("world_size", 8),
+        ("l2_bf16", True),
+        ("fsdp2_per_layer", False),
+        ("d_out", 2),
+        ("version", "1"),
+        ("version", "2"),
+        ("version", "both"),
+        ("world_size", 3),
+        ("freeze_l1", False),
+        ("l2_bf16", False),
+        ("d_in", 9),
+        ("world_size", 2),
+        ("d_hidden", 6),
+        ("use_orig_params", False),
+        ("fsdp2_per_layer", True),
+        ("d_out", 3),
+    ]
     return [steps[i % len(steps)] for i in range(n)]
 
 
@@ -52,6 +71,7 @@ def main() -> None:
     redraw = median_ms(change, n)
     specs = layer_specs(ExplorerSettings())
     layout = median_ms(lambda i: (fsdp1_layout(specs, 1 + i % 8), fsdp2_layout(specs, 1 + i % 8)), n)
+
     def empty_axes(i):
         fig = Figure(figsize=(13, 3.6), dpi=72)
         for k in range(2):  # the explorer's two panels, drawing nothing

@@ -8,6 +8,7 @@ Round trip: the median of a trivial `x = 1` cell on 2 ranks (through `%%fsdp` an
 Session.run), against a bare duplex-pipe round trip to 2 spawned echo processes.
 Target: median <= 1 ms. With ipyparallel installed, its two figures are printed too.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,9 @@ def _floor_rank(rank: int, port: int, q) -> None:
 
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60)
+    )
     dist.barrier()
     q.put(rank)
     dist.destroy_process_group()
@@ -146,16 +148,26 @@ def main() -> None:
     ms = lambda xs: 1e3 * statistics.median(xs)  # noqa: E731
     f_start, o_start = statistics.median(floors), statistics.median(ours["start"])
     print(f"start   floor (spawn 2 + init_process_group + barrier): {f_start:.2f} s")
-    print(f"start   %fsdp_launch -n 2:                             {o_start:.2f} s   ratio {o_start / f_start:.2f}x (target <= 1.3x)")
+    print(
+        f"start   %fsdp_launch -n 2:                             {o_start:.2f} s   ratio {o_start / f_start:.2f}x (target <= 1.3x)"
+    )
     print(f"cell    floor (bare pipe round trip, 2 procs):         {ms(pipe):.3f} ms")
-    print(f"cell    Session.run('x = 1'):                          {ms(ours['run']):.3f} ms   ratio {ms(ours['run']) / ms(pipe):.1f}x")
-    print(f"cell    %%fsdp x = 1:                                  {ms(ours['magic']):.3f} ms   ratio {ms(ours['magic']) / ms(pipe):.1f}x (target median <= 1 ms)")
+    print(
+        f"cell    Session.run('x = 1'):                          {ms(ours['run']):.3f} ms   ratio {ms(ours['run']) / ms(pipe):.1f}x"
+    )
+    print(
+        f"cell    %%fsdp x = 1:                                  {ms(ours['magic']):.3f} ms   ratio {ms(ours['magic']) / ms(pipe):.1f}x (target median <= 1 ms)"
+    )
     ipp = ipyparallel_figures(args.cells)
     if ipp is None:
         print("ipyparallel: not installed (pip install ipyparallel to compare)")
     else:
-        print(f"ipyparallel start (Cluster n=2):                       {ipp['start'][0]:.2f} s   ratio {ipp['start'][0] / f_start:.2f}x")
-        print(f"ipyparallel view.execute('x = 1'):                     {ms(ipp['run']):.3f} ms   ratio {ms(ipp['run']) / ms(pipe):.1f}x")
+        print(
+            f"ipyparallel start (Cluster n=2):                       {ipp['start'][0]:.2f} s   ratio {ipp['start'][0] / f_start:.2f}x"
+        )
+        print(
+            f"ipyparallel view.execute('x = 1'):                     {ms(ipp['run']):.3f} ms   ratio {ms(ipp['run']) / ms(pipe):.1f}x"
+        )
 
 
 if __name__ == "__main__":

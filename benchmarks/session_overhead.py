@@ -17,6 +17,7 @@ Reported: the median step time of each side over all measured steps (the first
 `--warmup` of every run are dropped) and the throughput ratio session / torchrun
 (torchrun's median over the session's), pooled and per round. Target: >= 0.97.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,8 +70,12 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=20, help="measured steps per round (>= 15)")
     p.add_argument("--warmup", type=int, default=5, help="steps dropped at the start of every round")
     p.add_argument("--rounds", type=int, default=6, help="session/torchrun pairs, alternating which goes first")
-    p.add_argument("--settle", type=float, default=5.0,
-                   help="seconds to wait before each run: freeing the last run's memory keeps a VM busy for a while")
+    p.add_argument(
+        "--settle",
+        type=float,
+        default=5.0,
+        help="seconds to wait before each run: freeing the last run's memory keeps a VM busy for a while",
+    )
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--block", type=int, default=64)
@@ -92,8 +97,15 @@ def under_torchrun(source: str, workdir: Path, round_: int) -> list[dict]:
     """Rank 0's history of `source` run as a script under torchrun."""
     script, out = workdir / f"run{round_}.py", workdir / f"history{round_}.json"
     script.write_text(source + SAVE.format(out=str(out)))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc-per-node", str(NPROCS), str(script)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(NPROCS),
+        str(script),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if done.returncode:
@@ -105,8 +117,9 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     from fsdp_nb import Session
 
-    source = RUN.format(layers=args.layers, width=args.width, block=args.block, batch=args.batch,
-                        total=args.warmup + args.steps)
+    source = RUN.format(
+        layers=args.layers, width=args.width, block=args.block, batch=args.batch, total=args.warmup + args.steps
+    )
     times = {"session": [], "torchrun": []}  # every measured step
     rounds = {"session": [], "torchrun": []}  # each round's median
     losses = []  # every run's loss history: all must be equal
@@ -115,27 +128,39 @@ def main(argv=None) -> None:
             for side in ("session", "torchrun") if r % 2 == 0 else ("torchrun", "session"):  # ABBA: order bias cancels
                 time.sleep(args.settle)
                 history = in_session(session, source) if side == "session" else under_torchrun(source, Path(tmp), r)
-                measured = [h["step_time_s"] for h in history[args.warmup:]]
+                measured = [h["step_time_s"] for h in history[args.warmup :]]
                 times[side] += measured
                 rounds[side].append(statistics.median(measured))
                 losses.append([h["loss"] for h in history])
-                print(f"round {r + 1} {side:<8} median {rounds[side][-1] * 1e3:7.2f} ms over {len(measured)} steps",
-                      flush=True)
-            print(f"round {r + 1} throughput ratio session / torchrun {rounds['torchrun'][-1] / rounds['session'][-1]:.3f}")
-    print(f"\nGPT n_layer={args.layers} n_embd={args.width} block={args.block}, global batch {args.batch}, "
-          f"FSDP2, {NPROCS} ranks x 1 thread (gloo); {args.rounds} rounds x {args.steps} steps "
-          f"after {args.warmup} warm-up")
-    print(f"torchrun side: OMP_NUM_THREADS=1 python -m torch.distributed.run --standalone "
-          f"--nproc-per-node {NPROCS} SCRIPT (the cell's source plus a history dump)")
+                print(
+                    f"round {r + 1} {side:<8} median {rounds[side][-1] * 1e3:7.2f} ms over {len(measured)} steps",
+                    flush=True,
+                )
+            print(
+                f"round {r + 1} throughput ratio session / torchrun {rounds['torchrun'][-1] / rounds['session'][-1]:.3f}"
+            )
+    print(
+        f"\nGPT n_layer={args.layers} n_embd={args.width} block={args.block}, global batch {args.batch}, "
+        f"FSDP2, {NPROCS} ranks x 1 thread (gloo); {args.rounds} rounds x {args.steps} steps "
+        f"after {args.warmup} warm-up"
+    )
+    print(
+        f"torchrun side: OMP_NUM_THREADS=1 python -m torch.distributed.run --standalone "
+        f"--nproc-per-node {NPROCS} SCRIPT (the cell's source plus a history dump)"
+    )
     session_ms, torchrun_ms = (statistics.median(times[k]) * 1e3 for k in ("session", "torchrun"))
     print(f"same losses in every run, both sides: {all(loss == losses[0] for loss in losses)}")
     print(f"median step  session {session_ms:.2f} ms   torchrun {torchrun_ms:.2f} ms")
     pairs = statistics.median(t / s for s, t in zip(rounds["session"], rounds["torchrun"]))
-    print(f"throughput ratio session / torchrun: {torchrun_ms / session_ms:.3f}  (target >= 0.97); "
-          f"median of the per-round ratios {pairs:.3f}")
+    print(
+        f"throughput ratio session / torchrun: {torchrun_ms / session_ms:.3f}  (target >= 0.97); "
+        f"median of the per-round ratios {pairs:.3f}"
+    )
     # Other load on the machine moves whole rounds; a large spread means rerun on a quiet machine.
     spread = max(max(v) / min(v) for v in rounds.values())
-    print(f"round-to-round spread of one side: {(spread - 1) * 100:.0f}%" + ("  (noisy machine)" if spread > 1.1 else ""))
+    print(
+        f"round-to-round spread of one side: {(spread - 1) * 100:.0f}%" + ("  (noisy machine)" if spread > 1.1 else "")
+    )
 
 
 if __name__ == "__main__":

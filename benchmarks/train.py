@@ -14,6 +14,7 @@ sharded cases it is compared with full / N plus the padding torch adds: FSDP1 pa
 each flat parameter to a multiple of N elements; FSDP2 pads each parameter's
 dim 0 to a multiple of N rows.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,10 +66,15 @@ def time_and_memory(model, args, fsdp=None) -> dict:
     config = TrainConfig(steps=args.warmup + args.steps, global_batch_size=args.batch, lr=1e-3, log_interval=0)
     trainer = Trainer(model, data, config, fsdp=fsdp)
     history = trainer.fit()
-    measured = [h["step_time_s"] for h in history[args.warmup:]]
+    measured = [h["step_time_s"] for h in history[args.warmup :]]
     last = history[-1]
-    return {"median_s": statistics.median(measured), "param": last["param_bytes"],
-            "grad": last["grad_bytes"], "optim": last["optim_bytes"], "padding": padding_per_rank(trainer.model)}
+    return {
+        "median_s": statistics.median(measured),
+        "param": last["param_bytes"],
+        "grad": last["grad_bytes"],
+        "optim": last["optim_bytes"],
+        "padding": padding_per_rank(trainer.model),
+    }
 
 
 def padding_per_rank(model) -> int:
@@ -78,11 +84,17 @@ def padding_per_rank(model) -> int:
 
     if isinstance(model, FSDP):  # one flat parameter per unit, padded to a multiple of N
         flats = [m._handle.flat_param for m in FSDP.fsdp_modules(model) if m._handle is not None]
-        return sum((f._padded_unsharded_size.numel() - sum(f._numels)) * f.element_size()
-                   for f in flats) // WORLD_SIZE
+        return sum((f._padded_unsharded_size.numel() - sum(f._numels)) * f.element_size() for f in flats) // WORLD_SIZE
     if isinstance(model, FSDPModule):  # each parameter's dim 0 padded to a multiple of N rows
-        return sum((math.ceil(p.shape[0] / WORLD_SIZE) * WORLD_SIZE - p.shape[0]) * (p.numel() // p.shape[0])
-                   * p.element_size() for p in model.parameters()) // WORLD_SIZE
+        return (
+            sum(
+                (math.ceil(p.shape[0] / WORLD_SIZE) * WORLD_SIZE - p.shape[0])
+                * (p.numel() // p.shape[0])
+                * p.element_size()
+                for p in model.parameters()
+            )
+            // WORLD_SIZE
+        )
     return 0
 
 
@@ -115,25 +127,35 @@ def free_port() -> int:
 def report(single: dict, per_rank: list[dict], full_bytes: int, args) -> None:
     """Print the tables (the parent process is the only one that prints)."""
     ddp = per_rank[0]["ddp"]["median_s"]
-    print(f"GPT n_layer={args.layers} n_embd={args.width} block={args.block}, global batch {args.batch}, "
-          f"{WORLD_SIZE} ranks x 1 thread, median of {args.steps} steps after {args.warmup} warm-up")
+    print(
+        f"GPT n_layer={args.layers} n_embd={args.width} block={args.block}, global batch {args.batch}, "
+        f"{WORLD_SIZE} ranks x 1 thread, median of {args.steps} steps after {args.warmup} warm-up"
+    )
     print(f"\n{'case':<22}{'median step':>12}{'vs single':>11}{'vs ddp':>9}")
-    print(f"{'single (1 process)':<22}{single['median_s'] * 1e3:>9.1f} ms{1.0:>10.2f}x{single['median_s'] / ddp:>8.2f}x")
+    print(
+        f"{'single (1 process)':<22}{single['median_s'] * 1e3:>9.1f} ms{1.0:>10.2f}x{single['median_s'] / ddp:>8.2f}x"
+    )
     for name in CASES:
         t = max(r[name]["median_s"] for r in per_rank)  # a step ends when the slowest rank ends
         print(f"{name:<22}{t * 1e3:>9.1f} ms{t / single['median_s']:>10.2f}x{t / ddp:>8.2f}x")
 
-    print(f"\nper-rank memory, unsharded model: params {full_bytes / 1024:.1f} KiB "
-          f"(grads the same, AdamW state twice that); full / {WORLD_SIZE} = {full_bytes / WORLD_SIZE / 1024:.1f} KiB")
-    print(f"{'case':<22}{'rank':>5}{'params KiB':>12}{'grads KiB':>11}{'optim KiB':>11}"
-          f"{'padding B':>11}{'params vs full/N':>18}{'minus padding':>15}")
+    print(
+        f"\nper-rank memory, unsharded model: params {full_bytes / 1024:.1f} KiB "
+        f"(grads the same, AdamW state twice that); full / {WORLD_SIZE} = {full_bytes / WORLD_SIZE / 1024:.1f} KiB"
+    )
+    print(
+        f"{'case':<22}{'rank':>5}{'params KiB':>12}{'grads KiB':>11}{'optim KiB':>11}"
+        f"{'padding B':>11}{'params vs full/N':>18}{'minus padding':>15}"
+    )
     for name in ["ddp"] + [n for n in CASES if n.startswith("fsdp")]:
         for rank, results in enumerate(per_rank):
             r = results[name]
             ideal = full_bytes / (1 if name == "ddp" else WORLD_SIZE)
-            print(f"{name:<22}{rank:>5}{r['param'] / 1024:>12.1f}{r['grad'] / 1024:>11.1f}{r['optim'] / 1024:>11.1f}"
-                  f"{r['padding']:>11}{(r['param'] / ideal - 1) * 100:>+17.2f}%"
-                  f"{((r['param'] - r['padding']) / ideal - 1) * 100:>+14.2f}%")
+            print(
+                f"{name:<22}{rank:>5}{r['param'] / 1024:>12.1f}{r['grad'] / 1024:>11.1f}{r['optim'] / 1024:>11.1f}"
+                f"{r['padding']:>11}{(r['param'] / ideal - 1) * 100:>+17.2f}%"
+                f"{((r['param'] - r['padding']) / ideal - 1) * 100:>+14.2f}%"
+            )
 
 
 def main(argv=None) -> None:

@@ -7,6 +7,7 @@ In plain Python: `Session`, `shard`, `Trainer`, `FSDPConfig`.
 Imports are lazy: ranks import `fsdp_nb.rank.worker` at spawn, and should not pay
 for matplotlib, IPython or torch.distributed until they use them.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -35,7 +36,27 @@ _LAZY = {
     "Layer": "fsdp_nb.models",
 }
 
-__all__ = ["CellResult", "FSDPConfig", "GPT", "GPTConfig", "Layer", "MixedPrecision", "RankError", "Session", "SessionConfig", "SessionError", "State", "TrainConfig", "Trainer", "check_optimizer", "current_session", "emit", "shard", "load_ipython_extension", "unload_ipython_extension"]
+__all__ = [
+    "CellResult",
+    "FSDPConfig",
+    "GPT",
+    "GPTConfig",
+    "Layer",
+    "MixedPrecision",
+    "RankError",
+    "Session",
+    "SessionConfig",
+    "SessionError",
+    "State",
+    "TrainConfig",
+    "Trainer",
+    "check_optimizer",
+    "current_session",
+    "emit",
+    "shard",
+    "load_ipython_extension",
+    "unload_ipython_extension",
+]
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name loads on first use

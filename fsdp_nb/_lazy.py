@@ -4,6 +4,7 @@ Ranks import `fsdp_nb.rank.worker` at spawn and the kernel loads the magics at
 `%load_ext`; neither should pay for torch, matplotlib or IPython before it uses
 them. `dir()`, completion and `from pkg import name` see the lazy names as usual.
 """
+
 from __future__ import annotations
 
 import importlib

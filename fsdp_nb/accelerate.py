@@ -14,6 +14,7 @@ This module is a leaf: plain data and pure functions over mappings. It never
 builds an `FSDPConfig` itself (config.py does, from what this module returns), so
 the config can use the table without an import cycle.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -86,12 +87,20 @@ OPTIONS: tuple[Option, ...] = (
     Option("sharding_strategy", "fsdp_sharding_strategy", "FSDP_SHARDING_STRATEGY", fsdp2="reshard"),
     Option("reshard_after_forward", "fsdp_reshard_after_forward", "FSDP_RESHARD_AFTER_FORWARD", fsdp2="reshard"),
     Option(
-        "backward_prefetch", "fsdp_backward_prefetch", "FSDP_BACKWARD_PREFETCH", fsdp2="removed",
-        dropped_note="removed in FSDP2, which always prefetches like BACKWARD_PRE", fsdp2_value="BACKWARD_PRE",
+        "backward_prefetch",
+        "fsdp_backward_prefetch",
+        "FSDP_BACKWARD_PREFETCH",
+        fsdp2="removed",
+        dropped_note="removed in FSDP2, which always prefetches like BACKWARD_PRE",
+        fsdp2_value="BACKWARD_PRE",
         fsdp2_why="FSDP2 always prefetches the next all-gather in backward, like BACKWARD_PRE",
     ),
     Option(
-        "forward_prefetch", "fsdp_forward_prefetch", "FSDP_FORWARD_PREFETCH", kind="bool", fsdp2="removed",
+        "forward_prefetch",
+        "fsdp_forward_prefetch",
+        "FSDP_FORWARD_PREFETCH",
+        kind="bool",
+        fsdp2="removed",
         dropped_note="not yet implemented for FSDP2 in Accelerate",  # fsdp_nb implements it: _KEPT
     ),
     Option("auto_wrap_policy", "fsdp_auto_wrap_policy", "FSDP_AUTO_WRAP_POLICY"),
@@ -100,16 +109,29 @@ OPTIONS: tuple[Option, ...] = (
     Option("cpu_offload", "fsdp_offload_params", "FSDP_OFFLOAD_PARAMS", kind="bool"),
     Option("activation_checkpointing", "fsdp_activation_checkpointing", "FSDP_ACTIVATION_CHECKPOINTING", kind="bool"),
     Option("state_dict_type", "fsdp_state_dict_type", "FSDP_STATE_DICT_TYPE"),
-    Option("cpu_ram_efficient_loading", "fsdp_cpu_ram_efficient_loading", "FSDP_CPU_RAM_EFFICIENT_LOADING",
-           kind="bool"),
     Option(
-        "use_orig_params", "fsdp_use_orig_params", "FSDP_USE_ORIG_PARAMS", kind="bool", fsdp2="removed", always_set=True,
-        dropped_note="removed in FSDP2, which always uses the original parameters", fsdp2_value=True,
+        "cpu_ram_efficient_loading", "fsdp_cpu_ram_efficient_loading", "FSDP_CPU_RAM_EFFICIENT_LOADING", kind="bool"
+    ),
+    Option(
+        "use_orig_params",
+        "fsdp_use_orig_params",
+        "FSDP_USE_ORIG_PARAMS",
+        kind="bool",
+        fsdp2="removed",
+        always_set=True,
+        dropped_note="removed in FSDP2, which always uses the original parameters",
+        fsdp2_value=True,
         fsdp2_why="FSDP2 always uses the original parameters, one DTensor each",
     ),
     Option(
-        "sync_module_states", "fsdp_sync_module_states", "FSDP_SYNC_MODULE_STATES", kind="bool", fsdp2="removed", always_set=True,
-        dropped_note="removed in FSDP2, where it is redundant", fsdp2_value=False,
+        "sync_module_states",
+        "fsdp_sync_module_states",
+        "FSDP_SYNC_MODULE_STATES",
+        kind="bool",
+        fsdp2="removed",
+        always_set=True,
+        dropped_note="removed in FSDP2, where it is redundant",
+        fsdp2_value=False,
         fsdp2_why="it is redundant in FSDP2; cpu_ram_efficient_loading=True loads on rank 0 and broadcasts",
     ),
     Option("ignored_modules", "fsdp_ignored_modules", "FSDP_IGNORED_MODULES"),

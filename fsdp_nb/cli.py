@@ -46,10 +46,16 @@ class Subcommand:
 def _to_fsdp2_arguments(parser: argparse.ArgumentParser) -> None:
     # Flag names are `accelerate to-fsdp2`'s, so its users can swap the command name.
     parser.add_argument("--config_file", required=True, help="the Accelerate FSDP1 config file to convert")
-    parser.add_argument("--output_file", default=None,
-                        help="where to write the FSDP2 config; without it, --overwrite rewrites --config_file")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="allow replacing an existing file (the input itself without --output_file)")
+    parser.add_argument(
+        "--output_file",
+        default=None,
+        help="where to write the FSDP2 config; without it, --overwrite rewrites --config_file",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="allow replacing an existing file (the input itself without --output_file)",
+    )
 
 
 def to_fsdp2_command(args: argparse.Namespace) -> int:
@@ -79,11 +85,19 @@ def to_fsdp2_command(args: argparse.Namespace) -> int:
 
 
 SUBCOMMANDS: tuple[Subcommand, ...] = (
-    Subcommand(name="to-fsdp2", help="convert an Accelerate FSDP1 config file to FSDP2",
-               add_arguments=_to_fsdp2_arguments, run=to_fsdp2_command),
-    Subcommand(name="train", help="train a small GPT from a YAML run file (under torchrun for several ranks)",
-               add_arguments=add_train_arguments, run=cli_train),
-)  # fmt: skip
+    Subcommand(
+        name="to-fsdp2",
+        help="convert an Accelerate FSDP1 config file to FSDP2",
+        add_arguments=_to_fsdp2_arguments,
+        run=to_fsdp2_command,
+    ),
+    Subcommand(
+        name="train",
+        help="train a small GPT from a YAML run file (under torchrun for several ranks)",
+        add_arguments=add_train_arguments,
+        run=cli_train,
+    ),
+)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -22,6 +22,7 @@ the FSDP2 migration), each a method of its own.
 This module is pure: no process state. Accelerate's names live in accelerate.py,
 dtype handling in precision.py, the shared field checks in validate.py.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -71,8 +72,11 @@ def _version(value: Any) -> int:
 
 
 def _strategy(value: Any) -> str | None:
-    return None if value is None else choice("sharding_strategy", value, SHARDING_STRATEGIES,
-                                             dict(enumerate(SHARDING_STRATEGIES, 1)))
+    return (
+        None
+        if value is None
+        else choice("sharding_strategy", value, SHARDING_STRATEGIES, dict(enumerate(SHARDING_STRATEGIES, 1)))
+    )
 
 
 def _reshard(value: Any) -> bool | int | str | None:
@@ -133,9 +137,13 @@ def _min_num_params(value: Any) -> int:
 def _state_dict_type(value: Any) -> str:
     name = value.name if isinstance(value, enum.Enum) else value
     if str(name).strip().upper() in ("LOCAL_STATE_DICT", "2"):
-        raise invalid("state_dict_type", value, ", ".join(STATE_DICT_TYPES),
-                      "LOCAL_STATE_DICT is obsolete: it saves FSDP1's flat shards, which only the same world "
-                      "size and wrapping can read, and FSDP2 has no equivalent; use SHARDED_STATE_DICT")
+        raise invalid(
+            "state_dict_type",
+            value,
+            ", ".join(STATE_DICT_TYPES),
+            "LOCAL_STATE_DICT is obsolete: it saves FSDP1's flat shards, which only the same world "
+            "size and wrapping can read, and FSDP2 has no equivalent; use SHARDED_STATE_DICT",
+        )
     return choice("state_dict_type", value, STATE_DICT_TYPES, {1: "FULL_STATE_DICT", 3: "SHARDED_STATE_DICT"})
 
 
@@ -220,8 +228,11 @@ class FSDPConfig:
         self._apply_version_rules()
         names = self.transformer_cls_names_to_wrap
         if names and self.auto_wrap_policy != "TRANSFORMER_BASED_WRAP":
-            warn_user(f"transformer_cls_names_to_wrap={list(names)} is ignored: auto_wrap_policy is "
-                      f"{self.auto_wrap_policy!r}, not 'TRANSFORMER_BASED_WRAP'", UserWarning)
+            warn_user(
+                f"transformer_cls_names_to_wrap={list(names)} is ignored: auto_wrap_policy is "
+                f"{self.auto_wrap_policy!r}, not 'TRANSFORMER_BASED_WRAP'",
+                UserWarning,
+            )
 
     # ---- the rules that tie fields together ----------------------------------------
     def _resolve_resharding(self) -> None:
@@ -238,8 +249,11 @@ class FSDPConfig:
         """The 'removed in FSDP2' rows of the migration table, and FSDP1's loading rule."""
         if self.fsdp_version == 1:
             if self.cpu_ram_efficient_loading and not self.sync_module_states:
-                warn_user("sync_module_states=False is set to True: with FSDP1, cpu_ram_efficient_loading "
-                          "needs rank 0's weights broadcast at wrap time", UserWarning)
+                warn_user(
+                    "sync_module_states=False is set to True: with FSDP1, cpu_ram_efficient_loading "
+                    "needs rank 0's weights broadcast at wrap time",
+                    UserWarning,
+                )
                 object.__setattr__(self, "sync_module_states", True)
             return
         for name, (fsdp2_value, why) in IGNORED_IN_FSDP2.items():
@@ -256,8 +270,11 @@ class FSDPConfig:
             divisors = [d for d in range(2, world_size) if world_size % d == 0]
             if n not in divisors:
                 problem = "does not divide" if world_size % n else "is not smaller than"
-                use = (f"True, False or a divisor of {world_size} in {divisors}" if divisors else
-                       f"True or False ({world_size} has no divisor strictly between 1 and {world_size})")
+                use = (
+                    f"True, False or a divisor of {world_size} in {divisors}"
+                    if divisors
+                    else f"True or False ({world_size} has no divisor strictly between 1 and {world_size})"
+                )
                 raise ValueError(f"reshard_after_forward={n} {problem} world size {world_size}; use {use}")
 
     # ---- other ways in, and out ----------------------------------------------------------
@@ -307,33 +324,46 @@ class FSDPConfig:
 
 def _fsdp1_strategy(strategy: str | None, reshard: bool | int | str | None) -> str:
     if is_int(reshard):
-        raise invalid("reshard_after_forward", reshard, "True, False or a sharding-strategy name",
-                      "resharding to a smaller world is FSDP2 only; set fsdp_version=2")
+        raise invalid(
+            "reshard_after_forward",
+            reshard,
+            "True, False or a sharding-strategy name",
+            "resharding to a smaller world is FSDP2 only; set fsdp_version=2",
+        )
     from_reshard = {True: "FULL_SHARD", False: "SHARD_GRAD_OP"}.get(reshard, reshard)
     if strategy is not None and from_reshard is not None:
         agree = STRATEGY_TO_RESHARD[strategy] == reshard if isinstance(reshard, bool) else strategy == reshard
         if not agree:
-            raise ValueError(f"sharding_strategy={strategy!r} and reshard_after_forward={reshard!r} disagree; "
-                             "with fsdp_version=1 set only sharding_strategy")
+            raise ValueError(
+                f"sharding_strategy={strategy!r} and reshard_after_forward={reshard!r} disagree; "
+                "with fsdp_version=1 set only sharding_strategy"
+            )
     return strategy or from_reshard or "FULL_SHARD"
 
 
 def _fsdp2_reshard(strategy: str | None, reshard: bool | int | str | None) -> bool | int:
     if isinstance(reshard, str):  # Accelerate's FSDP1 YAML keeps the strategy name in this key
         if strategy is not None and strategy != reshard:
-            raise ValueError(f"sharding_strategy={strategy!r} and reshard_after_forward={reshard!r} disagree; "
-                             "with fsdp_version=2 set only reshard_after_forward=True or False")
+            raise ValueError(
+                f"sharding_strategy={strategy!r} and reshard_after_forward={reshard!r} disagree; "
+                "with fsdp_version=2 set only reshard_after_forward=True or False"
+            )
         strategy, reshard = reshard, None
     if strategy is None:
         return True if reshard is None else reshard
     converted = STRATEGY_TO_RESHARD[strategy]
     if reshard is not None and reshard != converted:
-        raise ValueError(f"sharding_strategy={strategy!r} means reshard_after_forward={converted} but "
-                         f"reshard_after_forward={reshard!r} was given; with fsdp_version=2 set only "
-                         "reshard_after_forward")
-    warn_user(f"sharding_strategy={strategy!r} is FSDP1's option; with fsdp_version=2 it becomes "
-              f"reshard_after_forward={converted}. {STRATEGY_NOTES.get(strategy, '')}"
-              "Set reshard_after_forward instead.", FutureWarning)
+        raise ValueError(
+            f"sharding_strategy={strategy!r} means reshard_after_forward={converted} but "
+            f"reshard_after_forward={reshard!r} was given; with fsdp_version=2 set only "
+            "reshard_after_forward"
+        )
+    warn_user(
+        f"sharding_strategy={strategy!r} is FSDP1's option; with fsdp_version=2 it becomes "
+        f"reshard_after_forward={converted}. {STRATEGY_NOTES.get(strategy, '')}"
+        "Set reshard_after_forward instead.",
+        FutureWarning,
+    )
     return converted
 
 

@@ -15,6 +15,7 @@ rank `r` takes the contiguous rows `[r * B / W, (r + 1) * B / W)`. Concatenating
 the ranks' batches in rank order gives back the global batch, which is what
 makes FSDP training comparable, number for number, with one process.
 """
+
 from __future__ import annotations
 
 import sysconfig
@@ -32,9 +33,7 @@ def stdlib_corpus(max_bytes: int = 1_000_000) -> bytes:
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(root.glob("*.py"))
     if not files:
-        raise FileNotFoundError(
-            f"stdlib_corpus: no .py files in {root}; pass your own text with text_corpus(...)"
-        )
+        raise FileNotFoundError(f"stdlib_corpus: no .py files in {root}; pass your own text with text_corpus(...)")
     chunks, size = [], 0
     for path in files:
         chunk = path.read_bytes() + b"\n\n"
@@ -92,9 +91,7 @@ class ByteBlocks(Dataset):
             raise ValueError(f"ByteBlocks.split: val_fraction={val_fraction!r} must be in (0, 1)")
         n_val = max(1, round(len(self) * val_fraction))
         if n_val >= len(self):
-            raise ValueError(
-                f"ByteBlocks.split: {len(self)} blocks cannot give both a train and a val part"
-            )
+            raise ValueError(f"ByteBlocks.split: {len(self)} blocks cannot give both a train and a val part")
         cut = (len(self) - n_val) * self.block_size
         return (
             ByteBlocks(self.tokens[: cut + 1], self.block_size),

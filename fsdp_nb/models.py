@@ -6,6 +6,7 @@ a clear picture of how FSDP1 and FSDP2 cut parameters across ranks.
 `GPT` is a small byte-level transformer for real training runs; its `Block`
 is the unit FSDP wraps.
 """
+
 from __future__ import annotations
 
 import math
@@ -73,9 +74,7 @@ class GPTConfig:
             if not is_int(value) or value <= 0:
                 raise ValueError(f"GPTConfig: {name}={value!r} must be a positive int")
         if self.n_embd % self.n_head:
-            raise ValueError(
-                f"GPTConfig: n_embd={self.n_embd} must be divisible by n_head={self.n_head}"
-            )
+            raise ValueError(f"GPTConfig: n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig: dropout={self.dropout!r} must be in [0, 1)")
 
@@ -193,9 +192,7 @@ class GPT(nn.Module):
         cross-entropy against `targets` (B, T), or None without targets."""
         B, T = idx.shape
         if T > self.config.block_size:
-            raise ValueError(
-                f"GPT: sequence length {T} exceeds block_size={self.config.block_size}"
-            )
+            raise ValueError(f"GPT: sequence length {T} exceeds block_size={self.config.block_size}")
         pos = torch.arange(T, device=idx.device)  # (T,)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
         for block in self.blocks:

@@ -7,6 +7,7 @@ get gradients, so `step()` silently does nothing. `shard()` records the replaced
 parameters, and a process-wide optimizer pre-step hook raises if an optimizer
 still holds one. `check_optimizer(model, optimizer)` runs the same check on demand.
 """
+
 from __future__ import annotations
 
 import weakref

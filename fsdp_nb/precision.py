@@ -1,4 +1,5 @@
 """Mixed precision: which dtypes FSDP computes in and reduces gradients in (pure)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -10,10 +11,15 @@ import torch
 from fsdp_nb.validate import invalid
 
 _DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-}  # fmt: skip
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
 _ALLOWED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -46,8 +52,7 @@ class MixedPrecision:
 
 def mixed_precision_of(value: Any) -> MixedPrecision | None:
     """None, a preset name, a MixedPrecision, a dict of its fields or a (param, reduce[, output]) tuple."""
-    accepted = ("'no', 'bf16', 'fp16', a MixedPrecision, a dict of its fields "
-                "or a (param, reduce[, output]) dtype tuple")  # fmt: skip
+    accepted = "'no', 'bf16', 'fp16', a MixedPrecision, a dict of its fields or a (param, reduce[, output]) dtype tuple"
     if value is None or isinstance(value, MixedPrecision):
         return value
     if isinstance(value, str):

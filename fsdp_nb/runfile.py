@@ -18,6 +18,7 @@ The config file is YAML with four sections, each optional:
 Run it on 2 CPU ranks:
   OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 2 -m fsdp_nb.cli train --config run.yaml
 """
+
 from __future__ import annotations
 
 import os
@@ -92,4 +93,3 @@ def cli_train(args) -> int:
         dist.barrier()
         dist.destroy_process_group()
     return 0
-

@@ -17,6 +17,7 @@ CPU notes, handled here so notebooks on a laptop just work:
 
 An optimizer built before `shard()` is refused at `step()`: see optim_guard.py.
 """
+
 from __future__ import annotations
 
 import re
@@ -93,7 +94,9 @@ def wrap_units(model: nn.Module, config: FSDPConfig) -> list[nn.Module]:
             )
         units = [m for m in modules if type(m).__name__ in names]
     elif policy == "SIZE_BASED_WRAP":
-        units = _ask_fsdp1_policy(modules, lambda module, recurse, nonwrapped_numel: nonwrapped_numel >= config.min_num_params)
+        units = _ask_fsdp1_policy(
+            modules, lambda module, recurse, nonwrapped_numel: nonwrapped_numel >= config.min_num_params
+        )
     elif hasattr(policy, "_run_policy"):  # torch's ModuleWrapPolicy / CustomPolicy objects
         chosen = {id(m) for m in policy._run_policy(model, set(), {})}
         units = [m for m in modules if id(m) in chosen]
@@ -221,8 +224,12 @@ def _apply_fsdp1(model: nn.Module, units: list[nn.Module], config: FSDPConfig) -
         broadcast_from_rank0(model)  # FSDP1's own sync refuses CPU tensors
         sync = False
     if config.cpu_offload and device.type == "cpu":
-        warnings.warn("cpu_offload=True is ignored with FSDP1 on CPU: the parameters already live in "
-                      "CPU memory, and FSDP1's offload path needs CUDA", UserWarning, stacklevel=3)
+        warnings.warn(
+            "cpu_offload=True is ignored with FSDP1 on CPU: the parameters already live in "
+            "CPU memory, and FSDP1's offload path needs CUDA",
+            UserWarning,
+            stacklevel=3,
+        )
     dtypes = _dtypes(config)
     mp = MixedPrecision(param_dtype=dtypes[0], reduce_dtype=dtypes[1], buffer_dtype=dtypes[0]) if dtypes else None
     unit_ids = {id(u) for u in units}
@@ -233,7 +240,9 @@ def _apply_fsdp1(model: nn.Module, units: list[nn.Module], config: FSDPConfig) -
             device_id=device,
             auto_wrap_policy=CustomPolicy(lambda m: id(m) in unit_ids) if units else None,
             # torch spells HYBRID_SHARD_ZERO2 with a leading underscore
-            sharding_strategy=ShardingStrategy[strategy if strategy in ShardingStrategy.__members__ else '_' + strategy],
+            sharding_strategy=ShardingStrategy[
+                strategy if strategy in ShardingStrategy.__members__ else "_" + strategy
+            ],
             backward_prefetch=BackwardPrefetch[prefetch] if prefetch else None,
             forward_prefetch=config.forward_prefetch,
             mixed_precision=mp,
@@ -265,9 +274,13 @@ def _apply_fsdp2(model: nn.Module, units: list[nn.Module], config: FSDPConfig, m
     kwargs = dict(
         mesh=mesh,
         reshard_after_forward=config.reshard_after_forward,
-        mp_policy=MixedPrecisionPolicy(param_dtype=dtypes[0], reduce_dtype=dtypes[1]) if dtypes else MixedPrecisionPolicy(),
+        mp_policy=MixedPrecisionPolicy(param_dtype=dtypes[0], reduce_dtype=dtypes[1])
+        if dtypes
+        else MixedPrecisionPolicy(),
         # pinned host memory needs CUDA; without it the offload still works, unpinned
-        offload_policy=CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if config.cpu_offload else OffloadPolicy(),
+        offload_policy=CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+        if config.cpu_offload
+        else OffloadPolicy(),
         ignored_params=ignored or None,
     )
     loading = config.cpu_ram_efficient_loading
@@ -279,8 +292,9 @@ def _apply_fsdp2(model: nn.Module, units: list[nn.Module], config: FSDPConfig, m
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         _materialize(model, device)
-        set_model_state_dict(model, full_state,
-                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        set_model_state_dict(
+            model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        )
     if config.forward_prefetch:
         # each unit starts the all-gather of the next one before its own forward runs
         for current, following in zip(units, units[1:]):

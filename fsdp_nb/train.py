@@ -18,6 +18,7 @@ gradient, so a run matches one process on the whole batch.
 
 Rank-0 side effects (progress, printed lines) go through `Trainer._report` only.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -143,9 +144,17 @@ class Trainer:
     so runs from several cells overlay in one live plot.
     """
 
-    def __init__(self, model: nn.Module, data: ByteBlocks, config: TrainConfig, *,
-                 fsdp: FSDPConfig | None = None, val_data: ByteBlocks | None = None, mesh=None,
-                 name: str | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        data: ByteBlocks,
+        config: TrainConfig,
+        *,
+        fsdp: FSDPConfig | None = None,
+        val_data: ByteBlocks | None = None,
+        mesh=None,
+        name: str | None = None,
+    ):
         self.config = config
         self.name = name  # labels this run's curve in the notebook's live plot
         self.rank, self.world_size = init_distributed()
@@ -167,10 +176,12 @@ class Trainer:
         self.fsdp_version = fsdp_version_of(model)
         # AdamW after sharding, from the sharded parameters [Note: stale optimizers]
         trainable = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(trainable, lr=config.lr, betas=config.betas,
-                                           weight_decay=config.weight_decay)
-        split = dict(global_batch_size=config.global_batch_size, rank=self.rank,
-                     world_size=self.world_size, seed=config.seed)
+        self.optimizer = torch.optim.AdamW(
+            trainable, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
+        )
+        split = dict(
+            global_batch_size=config.global_batch_size, rank=self.rank, world_size=self.world_size, seed=config.seed
+        )
         self.train_batches = ShardedBatches(data, **split)
         self.val_batches = ShardedBatches(val_data, shuffle=False, **split) if val_data is not None else None
         self.history: list[dict] = []
@@ -226,11 +237,19 @@ class Trainer:
         memory = memory_of(self.model, self.optimizer)  # before zero_grad frees the grads
         self.optimizer.zero_grad(set_to_none=True)
         tokens = cfg.global_batch_size * x.shape[1]
-        return {"step": step + 1, "loss": mean_loss, "lr": lr, "grad_norm": grad_norm,
-                "step_time_s": elapsed, "tokens_per_s": tokens / elapsed,
-                # this rank's storages (padding included); the rest of the model lives elsewhere
-                "param_bytes": memory.params.total, "grad_bytes": memory.grads.total,
-                "optim_bytes": memory.optimizer.total, "padding_bytes": memory.params.padding}
+        return {
+            "step": step + 1,
+            "loss": mean_loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "step_time_s": elapsed,
+            "tokens_per_s": tokens / elapsed,
+            # this rank's storages (padding included); the rest of the model lives elsewhere
+            "param_bytes": memory.params.total,
+            "grad_bytes": memory.grads.total,
+            "optim_bytes": memory.optimizer.total,
+            "padding_bytes": memory.params.padding,
+        }
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -273,6 +292,9 @@ class Trainer:
             return
         val = f" val_loss {record['val_loss']:.4f}" if "val_loss" in record else ""
         bar = "#" * (20 * step // total) + "." * (20 - 20 * step // total)  # a plain bar, one line per report
-        print(f"[{bar}] step {step:>{len(str(total))}}/{total} loss {record['loss']:.4f}{val} "
-              f"lr {record['lr']:.2e} grad_norm {record['grad_norm']:.3f} "
-              f"{record['tokens_per_s']:,.0f} tok/s rank0 mem {mem_mb:.2f} MB", flush=True)
+        print(
+            f"[{bar}] step {step:>{len(str(total))}}/{total} loss {record['loss']:.4f}{val} "
+            f"lr {record['lr']:.2e} grad_norm {record['grad_norm']:.3f} "
+            f"{record['tokens_per_s']:,.0f} tok/s rank0 mem {mem_mb:.2f} MB",
+            flush=True,
+        )

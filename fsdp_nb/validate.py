@@ -1,4 +1,5 @@
 """Field checks shared by fsdp_nb's configs: one error shape, naming field, value and accepted values."""
+
 from __future__ import annotations
 
 import dataclasses

@@ -3,6 +3,7 @@
 Tests that break the session (dead ranks, stuck collectives) leave it BROKEN; the
 `session` fixture restarts it before the next test, so every test starts READY.
 """
+
 from __future__ import annotations
 
 import os

@@ -4,6 +4,7 @@ Every import is read from the source, function-level imports included, since a
 lazy import crosses a side as surely as a top-level one. Imports under
 `if TYPE_CHECKING:` are for type checkers only and do not count.
 """
+
 from __future__ import annotations
 
 import ast
@@ -46,7 +47,9 @@ def _imports(name: str) -> set[str]:
             base = node.module or ""
             if node.level:  # relative: resolve against this module's package
                 package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             found.add(base)
             found.update(f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in MODULES)
         for child in ast.iter_child_nodes(node):
@@ -98,7 +101,7 @@ def test_no_import_cycles():
         seen[node] = 1
         for nxt in sorted(graph[node]):
             if seen.get(nxt) == 1:
-                cycle = path[path.index(nxt):] + [nxt]
+                cycle = path[path.index(nxt) :] + [nxt]
                 raise AssertionError("import cycle: " + " -> ".join(cycle))
             if nxt not in seen:
                 visit(nxt, path + [nxt])

@@ -57,19 +57,28 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
     existing = tmp_path / "exists.yaml"
     existing.write_text("x: 1\n")
     missing = tmp_path / "missing.yaml"
-    assert error_line(capsys, "to-fsdp2", "--config_file", str(missing), "--output_file", "o.yaml") == \
-        f"fsdp-nb: error: config file {missing} not found"  # fmt: skip
+    assert (
+        error_line(capsys, "to-fsdp2", "--config_file", str(missing), "--output_file", "o.yaml")
+        == f"fsdp-nb: error: config file {missing} not found"
+    )
     assert error_line(capsys, "to-fsdp2", "--config_file", str(FSDP1)) == (
-        "fsdp-nb: error: --output_file is required unless --overwrite is set (then the config file is rewritten)")
-    assert error_line(capsys, "to-fsdp2", "--config_file", str(FSDP1), "--output_file", str(existing)) == \
-        f"fsdp-nb: error: output file {existing} already exists; pass --overwrite to replace it"  # fmt: skip
+        "fsdp-nb: error: --output_file is required unless --overwrite is set (then the config file is rewritten)"
+    )
+    assert (
+        error_line(capsys, "to-fsdp2", "--config_file", str(FSDP1), "--output_file", str(existing))
+        == f"fsdp-nb: error: output file {existing} already exists; pass --overwrite to replace it"
+    )
     assert existing.read_text() == "x: 1\n"
 
 
-@pytest.mark.parametrize("text, problem", [
-    ("", "the file is empty"), ("a: [b", "not valid YAML (while parsing"),
-    ("- 1\n- 2\n", "expected a mapping of Accelerate options, got list"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ("", "the file is empty"),
+        ("a: [b", "not valid YAML (while parsing"),
+        ("- 1\n- 2\n", "expected a mapping of Accelerate options, got list"),
+    ],
+)
 def test_bad_input_files(tmp_path, capsys, text, problem):
     bad = tmp_path / "bad.yaml"
     bad.write_text(text)
@@ -109,8 +118,16 @@ def test_a_new_table_row_is_a_new_subcommand(monkeypatch, capsys):
 def test_command_line_process(tmp_path):
     """The real entry point once: exit codes and streams as a shell sees them."""
     out_file = tmp_path / "out.yaml"
-    argv = [sys.executable, "-m", "fsdp_nb.cli", "to-fsdp2", "--config_file", str(FSDP1),
-            "--output_file", str(out_file)]
+    argv = [
+        sys.executable,
+        "-m",
+        "fsdp_nb.cli",
+        "to-fsdp2",
+        "--config_file",
+        str(FSDP1),
+        "--output_file",
+        str(out_file),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     ok = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
     assert (ok.returncode, ok.stderr) == (0, "")
@@ -128,4 +145,5 @@ def test_train_subcommand_is_wired_and_reports_config_errors_in_one_line(tmp_pat
     run_file = tmp_path / "run.yaml"
     run_file.write_text("fsdp:\n  fsdp_version: 2\n  sharding_stratgy: FULL_SHARD\n")
     assert error_line(capsys, "train", "--config", str(run_file)).startswith(
-        "fsdp-nb: error: unknown FSDPConfig field 'sharding_stratgy' (did you mean 'sharding_strategy'?)")
+        "fsdp-nb: error: unknown FSDPConfig field 'sharding_stratgy' (did you mean 'sharding_strategy'?)"
+    )

@@ -19,8 +19,9 @@ from fsdp_nb.config import FSDPConfig, MixedPrecision
 from fsdp_nb.convert import config_from_accelerate, convert_to_fsdp2
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-FSDP1, FSDP2, SHARD_GRAD_OP = (EXAMPLES / f"{n}.yaml" for n in ("accelerate_fsdp1", "accelerate_fsdp2",
-                                                                  "accelerate_fsdp1_shard_grad_op"))  # fmt: skip
+FSDP1, FSDP2, SHARD_GRAD_OP = (
+    EXAMPLES / f"{n}.yaml" for n in ("accelerate_fsdp1", "accelerate_fsdp2", "accelerate_fsdp1_shard_grad_op")
+)
 
 
 def load(path: Path) -> dict:
@@ -39,23 +40,44 @@ def launcher_env(config: dict) -> dict[str, str]:
 
     Launcher defaults first, then the file's fsdp_config values, then str() / .lower() as it does.
     """
-    args = {"fsdp_version": "1", "fsdp_offload_params": "false", "fsdp_min_num_params": 10**8,
-            "fsdp_sharding_strategy": "FULL_SHARD", "fsdp_reshard_after_forward": "true",
-            "fsdp_forward_prefetch": "false", "fsdp_use_orig_params": "true", "fsdp_cpu_ram_efficient_loading": "true",
-            "fsdp_sync_module_states": "true", "fsdp_activation_checkpointing": "false",
-            "fsdp_activation_checkpointing_offload": "false"}  # fmt: skip
+    args = {
+        "fsdp_version": "1",
+        "fsdp_offload_params": "false",
+        "fsdp_min_num_params": 10**8,
+        "fsdp_sharding_strategy": "FULL_SHARD",
+        "fsdp_reshard_after_forward": "true",
+        "fsdp_forward_prefetch": "false",
+        "fsdp_use_orig_params": "true",
+        "fsdp_cpu_ram_efficient_loading": "true",
+        "fsdp_sync_module_states": "true",
+        "fsdp_activation_checkpointing": "false",
+        "fsdp_activation_checkpointing_offload": "false",
+    }
     args.update(config["fsdp_config"])
-    env = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": str(args["fsdp_version"]),
-           "FSDP_SHARDING_STRATEGY": str(args["fsdp_sharding_strategy"]),
-           "FSDP_MIN_NUM_PARAMS": str(args["fsdp_min_num_params"]),
-           "ACCELERATE_MIXED_PRECISION": str(config.get("mixed_precision", "no"))}  # fmt: skip
-    for key in ("reshard_after_forward", "offload_params", "forward_prefetch", "use_orig_params",
-                "cpu_ram_efficient_loading", "sync_module_states", "activation_checkpointing",
-                "activation_checkpointing_offload"):  # fmt: skip
+    env = {
+        "ACCELERATE_USE_FSDP": "true",
+        "FSDP_VERSION": str(args["fsdp_version"]),
+        "FSDP_SHARDING_STRATEGY": str(args["fsdp_sharding_strategy"]),
+        "FSDP_MIN_NUM_PARAMS": str(args["fsdp_min_num_params"]),
+        "ACCELERATE_MIXED_PRECISION": str(config.get("mixed_precision", "no")),
+    }
+    for key in (
+        "reshard_after_forward",
+        "offload_params",
+        "forward_prefetch",
+        "use_orig_params",
+        "cpu_ram_efficient_loading",
+        "sync_module_states",
+        "activation_checkpointing",
+        "activation_checkpointing_offload",
+    ):
         env[f"FSDP_{key.upper()}"] = str(args[f"fsdp_{key}"]).lower()
-    for key, name in (("auto_wrap_policy", "AUTO_WRAP_POLICY"), ("backward_prefetch", "BACKWARD_PREFETCH"),
-                      ("transformer_layer_cls_to_wrap", "TRANSFORMER_CLS_TO_WRAP"),
-                      ("state_dict_type", "STATE_DICT_TYPE")):  # fmt: skip
+    for key, name in (
+        ("auto_wrap_policy", "AUTO_WRAP_POLICY"),
+        ("backward_prefetch", "BACKWARD_PREFETCH"),
+        ("transformer_layer_cls_to_wrap", "TRANSFORMER_CLS_TO_WRAP"),
+        ("state_dict_type", "STATE_DICT_TYPE"),
+    ):
         if args.get(f"fsdp_{key}") is not None:
             env[f"FSDP_{name}"] = str(args[f"fsdp_{key}"])
     return env
@@ -64,16 +86,36 @@ def launcher_env(config: dict) -> dict[str, str]:
 # --- reading Accelerate YAML files --------------------------------------------------------
 
 EXPECTED = {
-    FSDP1: FSDPConfig(fsdp_version=1, sharding_strategy="FULL_SHARD", auto_wrap_policy="TRANSFORMER_BASED_WRAP",
-                      transformer_cls_names_to_wrap=("Block",), backward_prefetch="BACKWARD_PRE",
-                      mixed_precision=MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32),
-                      cpu_ram_efficient_loading=True, sync_module_states=True, use_orig_params=True),
-    FSDP2: FSDPConfig(fsdp_version=2, reshard_after_forward=True, auto_wrap_policy="TRANSFORMER_BASED_WRAP",
-                      transformer_cls_names_to_wrap=("Block",), mixed_precision="bf16", cpu_ram_efficient_loading=True),
-    SHARD_GRAD_OP: FSDPConfig(fsdp_version=1, sharding_strategy="SHARD_GRAD_OP", backward_prefetch="BACKWARD_POST",
-                              forward_prefetch=True, auto_wrap_policy="SIZE_BASED_WRAP", min_num_params=1000,
-                              state_dict_type="FULL_STATE_DICT", use_orig_params=False),
-}  # fmt: skip
+    FSDP1: FSDPConfig(
+        fsdp_version=1,
+        sharding_strategy="FULL_SHARD",
+        auto_wrap_policy="TRANSFORMER_BASED_WRAP",
+        transformer_cls_names_to_wrap=("Block",),
+        backward_prefetch="BACKWARD_PRE",
+        mixed_precision=MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32),
+        cpu_ram_efficient_loading=True,
+        sync_module_states=True,
+        use_orig_params=True,
+    ),
+    FSDP2: FSDPConfig(
+        fsdp_version=2,
+        reshard_after_forward=True,
+        auto_wrap_policy="TRANSFORMER_BASED_WRAP",
+        transformer_cls_names_to_wrap=("Block",),
+        mixed_precision="bf16",
+        cpu_ram_efficient_loading=True,
+    ),
+    SHARD_GRAD_OP: FSDPConfig(
+        fsdp_version=1,
+        sharding_strategy="SHARD_GRAD_OP",
+        backward_prefetch="BACKWARD_POST",
+        forward_prefetch=True,
+        auto_wrap_policy="SIZE_BASED_WRAP",
+        min_num_params=1000,
+        state_dict_type="FULL_STATE_DICT",
+        use_orig_params=False,
+    ),
+}
 
 
 @pytest.mark.parametrize("path", list(EXPECTED), ids=lambda p: p.stem)
@@ -101,12 +143,28 @@ def test_example_files_round_trip_through_accelerate_dict(path, tmp_path):
     assert strict(FSDPConfig.from_accelerate_yaml, out) == EXPECTED[path]
 
 
-@pytest.mark.parametrize("config", [
-    FSDPConfig(reshard_after_forward=4, forward_prefetch=True, ignored_modules=["a", "b.*"], mixed_precision="fp16",
-               auto_wrap_policy="TRANSFORMER_BASED_WRAP", transformer_cls_names_to_wrap="Block,Attn", cpu_offload=True),
-    FSDPConfig(fsdp_version=1, sharding_strategy="HYBRID_SHARD_ZERO2", backward_prefetch=None, ignored_modules="head",
-               activation_checkpointing=True, min_num_params=7),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "config",
+    [
+        FSDPConfig(
+            reshard_after_forward=4,
+            forward_prefetch=True,
+            ignored_modules=["a", "b.*"],
+            mixed_precision="fp16",
+            auto_wrap_policy="TRANSFORMER_BASED_WRAP",
+            transformer_cls_names_to_wrap="Block,Attn",
+            cpu_offload=True,
+        ),
+        FSDPConfig(
+            fsdp_version=1,
+            sharding_strategy="HYBRID_SHARD_ZERO2",
+            backward_prefetch=None,
+            ignored_modules="head",
+            activation_checkpointing=True,
+            min_num_params=7,
+        ),
+    ],
+)
 def test_configs_round_trip_through_yaml_files(config, tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(accelerate_dict(config)))
@@ -116,8 +174,11 @@ def test_configs_round_trip_through_yaml_files(config, tmp_path):
 def test_accelerate_dict_refuses_what_yaml_cannot_hold():
     with pytest.raises(ValueError, match="auto_wrap_policy is a callable"):
         accelerate_dict(FSDPConfig(auto_wrap_policy=lambda *a: True))
-    with pytest.raises(ValueError, match=r"mixed_precision=MixedPrecision\(.*\) has no Accelerate name; "
-                                         r"accepted: 'no', 'bf16'"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"mixed_precision=MixedPrecision\(.*\) has no Accelerate name; "
+        r"accepted: 'no', 'bf16'",
+    ):
         accelerate_dict(FSDPConfig(mixed_precision=("bf16", "bf16")))
 
 
@@ -149,27 +210,40 @@ def bad_file(tmp_path, text: str) -> str:
     return message
 
 
-@pytest.mark.parametrize("text, problem", [
-    ("", "the file is empty"),
-    ("fsdp_config: [unclosed", "not valid YAML (while parsing a flow sequence"),
-    ("- a list", "expected a mapping of Accelerate options at the top level, got list"),
-    ("distributed_type: MULTI_GPU\nfsdp_config: {}", "distributed_type is 'MULTI_GPU', not 'FSDP'"),
-    ("mixed_precision: bf16", "no fsdp_config section"),
-    ("distributed_type: FSDP\nfsdp_config: FULL_SHARD", "fsdp_config must be a mapping of fsdp_* keys, got str"),
-    ("fsdp_config:\n  fsdp_sharding_stratgy: FULL_SHARD",
-     "unknown fsdp_config key 'fsdp_sharding_stratgy' (did you mean 'fsdp_sharding_strategy'?); "
-     "accepted: fsdp_version,"),
-    ("fsdp_config:\n  fsdp_sharding_strategy: EVERYWHERE",
-     "fsdp_sharding_strategy: sharding_strategy='EVERYWHERE' is not valid; accepted: FULL_SHARD"),
-    ("fsdp_config:\n  fsdp_version: 3", "fsdp_version=3 is not valid; accepted: 1 or 2"),
-    ("fsdp_config:\n  fsdp_offload_params: sometimes",
-     "fsdp_offload_params='sometimes' is not valid; accepted: y, yes, t, true, on, 1, n, no, f, false, off, 0"),
-    ("fsdp_config:\n  fsdp_version: 2\n  fsdp_state_dict_type: LOCAL_STATE_DICT",
-     "fsdp_state_dict_type: state_dict_type='LOCAL_STATE_DICT' is not valid (LOCAL_STATE_DICT is obsolete"),
-    ("mixed_precision: fp8\nfsdp_config:\n  fsdp_version: 2", "mixed_precision='fp8' is not valid (fp8 needs"),
-    ("fsdp_config:\n  fsdp_activation_checkpointing_offload: true",
-     "fsdp_activation_checkpointing_offload=True is not supported by fsdp_nb; accepted: false"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ("", "the file is empty"),
+        ("fsdp_config: [unclosed", "not valid YAML (while parsing a flow sequence"),
+        ("- a list", "expected a mapping of Accelerate options at the top level, got list"),
+        ("distributed_type: MULTI_GPU\nfsdp_config: {}", "distributed_type is 'MULTI_GPU', not 'FSDP'"),
+        ("mixed_precision: bf16", "no fsdp_config section"),
+        ("distributed_type: FSDP\nfsdp_config: FULL_SHARD", "fsdp_config must be a mapping of fsdp_* keys, got str"),
+        (
+            "fsdp_config:\n  fsdp_sharding_stratgy: FULL_SHARD",
+            "unknown fsdp_config key 'fsdp_sharding_stratgy' (did you mean 'fsdp_sharding_strategy'?); "
+            "accepted: fsdp_version,",
+        ),
+        (
+            "fsdp_config:\n  fsdp_sharding_strategy: EVERYWHERE",
+            "fsdp_sharding_strategy: sharding_strategy='EVERYWHERE' is not valid; accepted: FULL_SHARD",
+        ),
+        ("fsdp_config:\n  fsdp_version: 3", "fsdp_version=3 is not valid; accepted: 1 or 2"),
+        (
+            "fsdp_config:\n  fsdp_offload_params: sometimes",
+            "fsdp_offload_params='sometimes' is not valid; accepted: y, yes, t, true, on, 1, n, no, f, false, off, 0",
+        ),
+        (
+            "fsdp_config:\n  fsdp_version: 2\n  fsdp_state_dict_type: LOCAL_STATE_DICT",
+            "fsdp_state_dict_type: state_dict_type='LOCAL_STATE_DICT' is not valid (LOCAL_STATE_DICT is obsolete",
+        ),
+        ("mixed_precision: fp8\nfsdp_config:\n  fsdp_version: 2", "mixed_precision='fp8' is not valid (fp8 needs"),
+        (
+            "fsdp_config:\n  fsdp_activation_checkpointing_offload: true",
+            "fsdp_activation_checkpointing_offload=True is not supported by fsdp_nb; accepted: false",
+        ),
+    ],
+)
 def test_bad_files_give_one_line_naming_file_and_problem(tmp_path, text, problem):
     assert problem in bad_file(tmp_path, text)
 
@@ -181,6 +255,7 @@ def test_missing_file_is_a_value_error_naming_it(tmp_path):
 
 
 # --- reading the launcher's FSDP_* variables --------------------------------------------------
+
 
 @pytest.mark.parametrize("path", list(EXPECTED), ids=lambda p: p.stem)
 def test_from_env_reads_what_the_launcher_sets_for_each_example(path):
@@ -224,17 +299,24 @@ def test_from_env_defaults_and_os_environ(monkeypatch):
     assert c.mixed_precision == MixedPrecision(param_dtype=torch.float16) and c.fsdp_version == 2
 
 
-@pytest.mark.parametrize("env, problem", [
-    ({"FSDP_VERSION": "3"}, "FSDP_VERSION='3' is not valid; accepted: 1 or 2"),
-    ({"FSDP_OFFLOAD_PARAMS": "maybe"}, "FSDP_OFFLOAD_PARAMS='maybe' is not valid; accepted: y, yes, t, true"),
-    ({"FSDP_MIN_NUM_PARAMS": "1e8"}, "FSDP_MIN_NUM_PARAMS='1e8' is not valid; accepted: an int >= 0"),
-    ({"FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "perhaps"},
-     "FSDP_RESHARD_AFTER_FORWARD: reshard_after_forward='perhaps' is not valid"),
-    ({"FSDP_STATE_DICT_TYPE": "LOCAL_STATE_DICT"}, "FSDP_STATE_DICT_TYPE: state_dict_type='LOCAL_STATE_DICT'"),
-    ({"ACCELERATE_MIXED_PRECISION": "fp8"}, "ACCELERATE_MIXED_PRECISION: mixed_precision='fp8' is not valid"),
-    ({"FSDP_ACTIVATION_CHECKPOINTING_OFFLOAD": "true"},
-     "FSDP_ACTIVATION_CHECKPOINTING_OFFLOAD='true' is not supported"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "env, problem",
+    [
+        ({"FSDP_VERSION": "3"}, "FSDP_VERSION='3' is not valid; accepted: 1 or 2"),
+        ({"FSDP_OFFLOAD_PARAMS": "maybe"}, "FSDP_OFFLOAD_PARAMS='maybe' is not valid; accepted: y, yes, t, true"),
+        ({"FSDP_MIN_NUM_PARAMS": "1e8"}, "FSDP_MIN_NUM_PARAMS='1e8' is not valid; accepted: an int >= 0"),
+        (
+            {"FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "perhaps"},
+            "FSDP_RESHARD_AFTER_FORWARD: reshard_after_forward='perhaps' is not valid",
+        ),
+        ({"FSDP_STATE_DICT_TYPE": "LOCAL_STATE_DICT"}, "FSDP_STATE_DICT_TYPE: state_dict_type='LOCAL_STATE_DICT'"),
+        ({"ACCELERATE_MIXED_PRECISION": "fp8"}, "ACCELERATE_MIXED_PRECISION: mixed_precision='fp8' is not valid"),
+        (
+            {"FSDP_ACTIVATION_CHECKPOINTING_OFFLOAD": "true"},
+            "FSDP_ACTIVATION_CHECKPOINTING_OFFLOAD='true' is not supported",
+        ),
+    ],
+)
 def test_from_env_errors_name_the_variable(env, problem):
     with pytest.raises(ValueError) as info:
         FSDPConfig.from_env(env)
@@ -242,6 +324,7 @@ def test_from_env_errors_name_the_variable(env, problem):
 
 
 # --- to-fsdp2 ----------------------------------------------------------------------------------
+
 
 def test_fsdp1_example_converts_to_the_fsdp2_example():
     """Accelerate: rename the strategy key to a bool, drop four keys, set fsdp_version 2, keep the rest."""
@@ -251,10 +334,15 @@ def test_fsdp1_example_converts_to_the_fsdp2_example():
     assert original == snapshot  # the input is not modified
     assert new == load(FSDP2)
     assert new["fsdp_config"] == {
-        "fsdp_activation_checkpointing": False, "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-        "fsdp_cpu_ram_efficient_loading": True, "fsdp_offload_params": False, "fsdp_reshard_after_forward": True,
-        "fsdp_state_dict_type": "SHARDED_STATE_DICT", "fsdp_transformer_layer_cls_to_wrap": "Block", "fsdp_version": 2,
-    }  # fmt: skip
+        "fsdp_activation_checkpointing": False,
+        "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "fsdp_cpu_ram_efficient_loading": True,
+        "fsdp_offload_params": False,
+        "fsdp_reshard_after_forward": True,
+        "fsdp_state_dict_type": "SHARDED_STATE_DICT",
+        "fsdp_transformer_layer_cls_to_wrap": "Block",
+        "fsdp_version": 2,
+    }
     assert notes == [
         "fsdp_backward_prefetch: dropped, removed in FSDP2, which always prefetches like BACKWARD_PRE",
         "fsdp_forward_prefetch: dropped, not yet implemented for FSDP2 in Accelerate",
@@ -273,8 +361,16 @@ def test_yaml_conversion_agrees_with_dataclass_migration():
     assert strict(config_from_accelerate, convert_to_fsdp2(load(FSDP1))[0]) == migrated
 
 
-@pytest.mark.parametrize("strategy, reshard", [("FULL_SHARD", True), ("SHARD_GRAD_OP", False), ("NO_SHARD", False),
-                                               ("HYBRID_SHARD", True), ("HYBRID_SHARD_ZERO2", False)])  # fmt: skip
+@pytest.mark.parametrize(
+    "strategy, reshard",
+    [
+        ("FULL_SHARD", True),
+        ("SHARD_GRAD_OP", False),
+        ("NO_SHARD", False),
+        ("HYBRID_SHARD", True),
+        ("HYBRID_SHARD_ZERO2", False),
+    ],
+)
 @pytest.mark.parametrize("key", ["fsdp_sharding_strategy", "fsdp_reshard_after_forward"])
 def test_every_strategy_maps_like_accelerate(strategy, reshard, key):
     new, notes = convert_to_fsdp2({"fsdp_config": {"fsdp_version": 1, key: strategy}})
@@ -284,32 +380,55 @@ def test_every_strategy_maps_like_accelerate(strategy, reshard, key):
 
 
 def test_conversion_keeps_unknown_keys_and_top_level_and_appends_version():
-    new, notes = convert_to_fsdp2({"mixed_precision": "fp16", "num_processes": 8,
-                                   "fsdp_config": {"fsdp_min_num_params": 5, "fsdp_custom": "x",
-                                                   "fsdp_reshard_after_forward": False}})  # fmt: skip
-    assert new == {"mixed_precision": "fp16", "num_processes": 8,
-                   "fsdp_config": {"fsdp_min_num_params": 5, "fsdp_custom": "x", "fsdp_reshard_after_forward": False,
-                                   "fsdp_version": 2}}  # fmt: skip
+    new, notes = convert_to_fsdp2(
+        {
+            "mixed_precision": "fp16",
+            "num_processes": 8,
+            "fsdp_config": {"fsdp_min_num_params": 5, "fsdp_custom": "x", "fsdp_reshard_after_forward": False},
+        }
+    )
+    assert new == {
+        "mixed_precision": "fp16",
+        "num_processes": 8,
+        "fsdp_config": {
+            "fsdp_min_num_params": 5,
+            "fsdp_custom": "x",
+            "fsdp_reshard_after_forward": False,
+            "fsdp_version": 2,
+        },
+    }
     assert list(new["fsdp_config"])[-1] == "fsdp_version" and notes == ["fsdp_version: set to 2"]
 
 
-@pytest.mark.parametrize("config, note", [
-    ({"fsdp_config": {"fsdp_version": 2, "fsdp_sharding_strategy": "FULL_SHARD"}}, "fsdp_version is already 2"),
-    ({"distributed_type": "MULTI_GPU", "fsdp_config": {}}, "no fsdp_config section"),
-    ({"distributed_type": "MULTI_GPU"}, "no fsdp_config section"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "config, note",
+    [
+        ({"fsdp_config": {"fsdp_version": 2, "fsdp_sharding_strategy": "FULL_SHARD"}}, "fsdp_version is already 2"),
+        ({"distributed_type": "MULTI_GPU", "fsdp_config": {}}, "no fsdp_config section"),
+        ({"distributed_type": "MULTI_GPU"}, "no fsdp_config section"),
+    ],
+)
 def test_nothing_to_convert_returns_the_config_unchanged(config, note):
     new, notes = convert_to_fsdp2(config)
     assert new == config and new is not config and len(notes) == 1 and notes[0].startswith(note)
 
 
 def test_conversion_notes_what_accelerate_leaves_for_the_user():
-    new, notes = convert_to_fsdp2({"fsdp_config": {
-        "fsdp_forward_prefetch": True, "fsdp_state_dict_type": "LOCAL_STATE_DICT",
-        "fsdp_sharding_strategy": "NO_SHARD", "fsdp_reshard_after_forward": "WEIRD",
-    }})  # fmt: skip
-    assert new["fsdp_config"] == {"fsdp_state_dict_type": "LOCAL_STATE_DICT", "fsdp_reshard_after_forward": "WEIRD",
-                                  "fsdp_version": 2}  # fmt: skip
+    new, notes = convert_to_fsdp2(
+        {
+            "fsdp_config": {
+                "fsdp_forward_prefetch": True,
+                "fsdp_state_dict_type": "LOCAL_STATE_DICT",
+                "fsdp_sharding_strategy": "NO_SHARD",
+                "fsdp_reshard_after_forward": "WEIRD",
+            }
+        }
+    )
+    assert new["fsdp_config"] == {
+        "fsdp_state_dict_type": "LOCAL_STATE_DICT",
+        "fsdp_reshard_after_forward": "WEIRD",
+        "fsdp_version": 2,
+    }
     text = "\n".join(notes)
     assert "add `fsdp_forward_prefetch: true` back to use it with fsdp_nb" in text
     assert "LOCAL_STATE_DICT copied unchanged, but FSDP2 has no equivalent; change it to SHARDED_STATE_DICT" in text

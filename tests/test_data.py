@@ -1,4 +1,5 @@
 """Corpus, byte blocks and the split of a global batch across ranks. Pure, one process."""
+
 import pytest
 import torch
 
@@ -33,8 +34,9 @@ def test_split_keeps_every_byte_once():
 def test_rank_batches_concatenate_to_the_global_batch(world_size):
     blocks = ByteBlocks(stdlib_corpus(20_000), 16)
     single = ShardedBatches(blocks, global_batch_size=6, seed=5)
-    ranks = [ShardedBatches(blocks, global_batch_size=6, rank=r, world_size=world_size, seed=5)
-             for r in range(world_size)]
+    ranks = [
+        ShardedBatches(blocks, global_batch_size=6, rank=r, world_size=world_size, seed=5) for r in range(world_size)
+    ]
     for step in (0, 1, 500):  # 500 * 6 rows wraps into later epochs
         x_full, y_full = single.batch(step)
         parts = [rb.batch(step) for rb in ranks]

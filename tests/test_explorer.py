@@ -1,4 +1,5 @@
 """The explorer, driven like a user: set widget values, read the figure and the verdict."""
+
 from __future__ import annotations
 
 import pytest
@@ -37,8 +38,10 @@ def test_each_change_redraws(explorer):
 
 def test_freezing_l1_is_an_fsdp1_error_unless_use_orig_params(explorer):
     explorer.controls["freeze_l1"].value = True
-    assert ("FSDP1: torch raises at wrap time:\n  ValueError: Must flatten tensors with uniform `requires_grad` "
-            "when `use_orig_params=False`") in explorer.text
+    assert (
+        "FSDP1: torch raises at wrap time:\n  ValueError: Must flatten tensors with uniform `requires_grad` "
+        "when `use_orig_params=False`"
+    ) in explorer.text
     assert "l1.weight, l1.bias are frozen" in explorer.text
     banners = [t.get_text() for t in explorer.figure.axes[0].texts if t.get_gid() == "rejected"]
     assert len(banners) == 1 and "uniform `requires_grad`" in banners[0]
@@ -50,11 +53,15 @@ def test_freezing_l1_is_an_fsdp1_error_unless_use_orig_params(explorer):
 def test_bf16_layer_is_an_fsdp1_error_and_an_fsdp2_choice_of_groups(explorer):
     explorer.controls["l2_bf16"].value = True
     explorer.controls["use_orig_params"].value = True  # does not help FSDP1 with dtypes
-    assert "ValueError: Must flatten tensors with uniform dtype but got torch.float32 and torch.bfloat16" in explorer.text
+    assert (
+        "ValueError: Must flatten tensors with uniform dtype but got torch.float32 and torch.bfloat16" in explorer.text
+    )
     assert "FSDP2: works." in explorer.text and "own fully_shard group" in explorer.text
     explorer.controls["fsdp2_per_layer"].value = False
-    assert "FSDP2: torch raises at the first forward:\n  AssertionError: FSDP expects uniform original parameter dtype" \
+    assert (
+        "FSDP2: torch raises at the first forward:\n  AssertionError: FSDP expects uniform original parameter dtype"
         in explorer.text
+    )
     assert len([t for ax in explorer.figure.axes for t in ax.texts if t.get_gid() == "rejected"]) == 2
 
 
@@ -62,14 +69,17 @@ def test_render_is_pure_and_matches_the_specs():
     s = ExplorerSettings(world_size=3, d_in=2, d_hidden=5, d_out=4, freeze_l1=True, l2_bf16=True)
     specs = layer_specs(s)
     assert [(p.name, p.shape, str(p.dtype), p.requires_grad) for p in specs][:3] == [
-        ("l1.weight", (5, 2), "torch.float32", False), ("l1.bias", (5,), "torch.float32", False),
-        ("l2.weight", (5, 5), "torch.bfloat16", True)]
+        ("l1.weight", (5, 2), "torch.float32", False),
+        ("l1.bias", (5,), "torch.float32", False),
+        ("l2.weight", (5, 5), "torch.bfloat16", True),
+    ]
     (fig_a, text_a), (fig_b, text_b) = render(s), render(s)
     assert text_a == text_b and gids(fig_a, "") == gids(fig_b, "")
 
 
-@pytest.mark.parametrize("bad", [dict(world_size=0), dict(world_size=9), dict(d_in=0), dict(d_hidden=33),
-                                 dict(version="3")])
+@pytest.mark.parametrize(
+    "bad", [dict(world_size=0), dict(world_size=9), dict(d_in=0), dict(d_hidden=33), dict(version="3")]
+)
 def test_settings_are_validated(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         ExplorerSettings(**bad)

@@ -1,4 +1,5 @@
 """%fsdp_export: the session's cells as a torchrun script that really runs."""
+
 from __future__ import annotations
 
 import os
@@ -43,8 +44,13 @@ def test_exported_session_runs_under_torchrun_with_the_same_result(ipshell, sess
     ipshell.run_line_magic("fsdp_export", str(path))
     in_session = session.eval("t.item()")
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    out = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", str(path)],
-                         capture_output=True, text=True, timeout=100, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    out = subprocess.run(
+        [torchrun, "--standalone", "--nproc-per-node", "2", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.count("total") == 1 and f"total {in_session[0]}" in out.stdout
     assert "undefined_name" not in path.read_text()

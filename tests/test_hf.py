@@ -1,4 +1,5 @@
 """Hugging Face models as an optional extra (`pip install fsdp_nb[hf]`): built from a config, no download."""
+
 from __future__ import annotations
 
 import pytest
@@ -28,12 +29,14 @@ loss.backward()
 def test_tiny_llama_wraps_its_no_split_modules_and_matches_unsharded(session, version):
     session.run(SETUP.format(version=version)).raise_errors()
     if version == 2:
-        units = session.eval("sorted(type(m).__name__.removeprefix('FSDP') for m in model.modules() "
-                             "if isinstance(m, FSDPModule))")
+        units = session.eval(
+            "sorted(type(m).__name__.removeprefix('FSDP') for m in model.modules() if isinstance(m, FSDPModule))"
+        )
         assert units[0] == ["LlamaDecoderLayer", "LlamaDecoderLayer", "LlamaForCausalLM"]
     else:
-        units = session.eval("sorted(type(m.module).__name__ for m in model.modules() "
-                             "if type(m).__name__ == 'FullyShardedDataParallel')")
+        units = session.eval(
+            "sorted(type(m.module).__name__ for m in model.modules() if type(m).__name__ == 'FullyShardedDataParallel')"
+        )
         assert units[0] == ["LlamaDecoderLayer", "LlamaDecoderLayer", "LlamaForCausalLM"]
     losses = session.eval("(loss.item(), ref_loss)")
     for got, ref in losses:

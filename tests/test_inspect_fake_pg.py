@@ -3,6 +3,7 @@
 torch's fake process group lets one process be rank r of a group of w (collectives
 move no data), so real FSDP1 / FSDP2 modules are built here without spawning.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -71,10 +72,15 @@ def check_fsdp1(name: str, rank: int, world: int, **kwargs) -> None:
             assert not info.in_shard, f"{name} rank {rank}/{world}: {fqn} unexpectedly on this rank"
             continue
         off, seg = where[fqn]
-        assert (info.in_shard, info.offset_in_shard, info.numel_in_shard, info.intra_param_start_idx,
-                info.intra_param_end_idx) == (True, off, seg.numel, seg.start, seg.stop - 1), (name, rank, world, fqn)
+        assert (
+            info.in_shard,
+            info.offset_in_shard,
+            info.numel_in_shard,
+            info.intra_param_start_idx,
+            info.intra_param_end_idx,
+        ) == (True, off, seg.numel, seg.start, seg.stop - 1), (name, rank, world, fqn)
         # and the local chunk really holds those elements of the parameter
-        assert torch.equal(flat[off:off + seg.numel], full[fqn].flatten()[seg.start:seg.stop])
+        assert torch.equal(flat[off : off + seg.numel], full[fqn].flatten()[seg.start : seg.stop])
     last = model.segments(rank)[-1]
     assert flat._shard_numel_padded == (last.numel if last.name is None and not uop else 0)
     assert layout_of(fsdp) == replace(model, observed_ranks=(rank,))
@@ -108,8 +114,9 @@ def test_layouts_match_torch_on_every_rank(world):
             for name in MODELS:
                 check_fsdp1(name, rank, world)
                 check_fsdp1(name, rank, world, use_orig_params=True)
-            check_fsdp1("default", rank, world, use_orig_params=True,
-                        mixed_precision=MixedPrecision(param_dtype=torch.bfloat16))  # aligns to 8 bf16 elements
+            check_fsdp1(
+                "default", rank, world, use_orig_params=True, mixed_precision=MixedPrecision(param_dtype=torch.bfloat16)
+            )  # aligns to 8 bf16 elements
             mesh = init_device_mesh("cpu", (world,))
             for k, name in enumerate(MODELS):
                 check_fsdp2(name, rank, world, mesh, per_layer=bool((k + rank) % 2))
@@ -191,8 +198,9 @@ def raised(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-@pytest.mark.parametrize("frozen, bf16, uop", [(True, False, False), (False, True, False), (False, True, True),
-                                               (True, True, False)])
+@pytest.mark.parametrize(
+    "frozen, bf16, uop", [(True, False, False), (False, True, False), (False, True, True), (True, True, False)]
+)
 def test_fsdp1_rejections_are_predicted(frozen, bf16, uop):
     module = layer(frozen=frozen, bf16=bf16)
     model = fsdp1_layout(specs_of(module), 2, use_orig_params=uop)

@@ -3,6 +3,7 @@
 Covers what only a real kernel shows: interrupts sent by Jupyter, kernels that are
 SIGKILLed, restarted or shut down (no orphaned ranks), and two kernels at once.
 """
+
 from __future__ import annotations
 
 import os
@@ -109,8 +110,9 @@ def test_cell_runs_on_ranks_in_a_real_kernel(kernel):
 
 
 def test_exception_shows_remote_traceback_then_next_cell_works(kernel):
-    content, out, errors = kernel.run("%%fsdp\nimport time\nif rank == 0: time.sleep(0.2)\n"
-                                      "raise ValueError(f'bad {rank}')")
+    content, out, errors = kernel.run(
+        "%%fsdp\nimport time\nif rank == 0: time.sleep(0.2)\nraise ValueError(f'bad {rank}')"
+    )
     assert content["status"] == "error" and errors[0]["ename"] == "RankError"
     tb = errors[0]["traceback"]
     assert tb[0] == "[rank 1] ValueError: bad 1" and "[rank 0] ValueError: bad 0" in tb
@@ -139,8 +141,11 @@ def test_interrupting_an_idle_kernel_keeps_the_ranks(kernel):
 
 
 def test_bad_input_is_a_one_line_usage_error_in_a_real_kernel(kernel):
-    for line, message in [("%fsdp_launch -n 2", "already running"), ("%fsdp_launch --bogus", "unrecognized arguments"),
-                          ("%fsdp_pull not_there", "have no variable 'not_there'")]:
+    for line, message in [
+        ("%fsdp_launch -n 2", "already running"),
+        ("%fsdp_launch --bogus", "unrecognized arguments"),
+        ("%fsdp_pull not_there", "have no variable 'not_there'"),
+    ]:
         content, out, _ = kernel.run(line)  # IPython prints a UsageError as one stderr line, no traceback
         assert content["status"] == "error" and content["ename"] == "UsageError"
         assert message in content["evalue"] and "\n" not in content["evalue"]
@@ -149,8 +154,9 @@ def test_bad_input_is_a_one_line_usage_error_in_a_real_kernel(kernel):
 
 def test_dead_rank_in_a_real_kernel_is_reported_then_restart_works(kernel):
     t0 = time.monotonic()
-    content, out, errors = kernel.run("%%fsdp\nimport os, signal\nif rank == 1: os.kill(os.getpid(), signal.SIGKILL)\n"
-                                      "dist.barrier()")
+    content, out, errors = kernel.run(
+        "%%fsdp\nimport os, signal\nif rank == 1: os.kill(os.getpid(), signal.SIGKILL)\ndist.barrier()"
+    )
     assert time.monotonic() - t0 < 1.5
     assert errors[0]["evalue"].startswith("rank 1 exited with signal 9 (SIGKILL)")
     content, out, _ = kernel.run("%%fsdp\n1")

@@ -1,4 +1,5 @@
 """Pure layout math: the seed's facts, invariants at every world size, problems, errors."""
+
 from __future__ import annotations
 
 import math
@@ -13,9 +14,15 @@ from fsdp_nb.models import Layer
 
 
 def layer_specs(*, frozen=(), bf16=(), dims=(4, 6, 3)):
-    return tuple(ParamSpec(name=s.name, shape=s.shape,
-                           dtype=torch.bfloat16 if s.name.split(".")[0] in bf16 else torch.float32,
-                           requires_grad=s.name.split(".")[0] not in frozen) for s in specs_of(Layer(*dims)))
+    return tuple(
+        ParamSpec(
+            name=s.name,
+            shape=s.shape,
+            dtype=torch.bfloat16 if s.name.split(".")[0] in bf16 else torch.float32,
+            requires_grad=s.name.split(".")[0] not in frozen,
+        )
+        for s in specs_of(Layer(*dims))
+    )
 
 
 # ------------------------------------------------------------ seed facts ----
@@ -23,8 +30,13 @@ def test_fsdp1_default_layer_on_two_ranks():
     lay = fsdp1_layout(layer_specs(), 2)
     assert (lay.total_numel, lay.padded_numel, lay.padding_numel, lay.chunk_numel) == (93, 94, 1, 47)
     assert lay.segments(0) == (("l1.weight", 0, 24), ("l1.bias", 0, 6), ("l2.weight", 0, 17))
-    assert lay.segments(1) == (("l2.weight", 17, 36), ("l2.bias", 0, 6), ("l3.weight", 0, 18),
-                               ("l3.bias", 0, 3), (None, 0, 1))
+    assert lay.segments(1) == (
+        ("l2.weight", 17, 36),
+        ("l2.bias", 0, 6),
+        ("l3.weight", 0, 18),
+        ("l3.bias", 0, 3),
+        (None, 0, 1),
+    )
     assert [(b.real, b.padding) for b in lay.bytes_per_rank] == [(47 * 4, 0), (46 * 4, 4)]
     assert lay.raises is None and lay.problems == ()
 
@@ -40,8 +52,10 @@ def test_fsdp1_use_orig_params_aligns_every_parameter_to_16_bytes():
         offset += seg.numel
 
 
-@pytest.mark.parametrize("dtype, param_dtype, align", [(torch.bfloat16, None, 8), (torch.float32, torch.bfloat16, 8),
-                                                       (torch.float32, None, 4), (torch.float64, None, 2)])
+@pytest.mark.parametrize(
+    "dtype, param_dtype, align",
+    [(torch.bfloat16, None, 8), (torch.float32, torch.bfloat16, 8), (torch.float32, None, 4), (torch.float64, None, 2)],
+)
 def test_alignment_follows_the_unsharded_dtype(dtype, param_dtype, align):
     specs = [ParamSpec(name=s.name, shape=s.shape, dtype=dtype) for s in layer_specs()]
     lay = fsdp1_layout(specs, 3, use_orig_params=True, param_dtype=param_dtype)
@@ -140,7 +154,9 @@ def test_fsdp1_frozen_layer_needs_use_orig_params():
 def test_fsdp1_mixed_dtype_is_rejected_even_with_use_orig_params():
     for uop in (False, True):
         lay = fsdp1_layout(layer_specs(bf16={"l2"}), 2, use_orig_params=uop)
-        assert lay.raises == "ValueError: Must flatten tensors with uniform dtype but got torch.float32 and torch.bfloat16"
+        assert (
+            lay.raises == "ValueError: Must flatten tensors with uniform dtype but got torch.float32 and torch.bfloat16"
+        )
 
 
 def test_fsdp1_reports_the_first_error_torch_meets():
@@ -150,13 +166,20 @@ def test_fsdp1_reports_the_first_error_torch_meets():
 
 def test_fsdp2_dtype_check_is_per_group_and_ignores_frozen_parameters():
     assert fsdp2_layout(layer_specs(bf16={"l2"}), 2).raises.startswith(
-        "AssertionError: FSDP expects uniform original parameter dtype but got {")
+        "AssertionError: FSDP expects uniform original parameter dtype but got {"
+    )
     assert fsdp2_layout(layer_specs(bf16={"l2"}), 2).errors[0].when == "at the first forward"
     assert fsdp2_layout(layer_specs(bf16={"l2"}), 2, groups=("l2", "")).problems == ()
     assert fsdp2_layout(layer_specs(bf16={"l1"}, frozen={"l1"}), 2).problems == ()
     assert fsdp2_layout(layer_specs(frozen={"l1"}), 2).problems == ()
     assert fsdp2_layout(layer_specs(bf16={"l2"}), 2, groups=("l1", "l2", "l3", "")).groups == (
-        "l1", "l1", "l2", "l2", "l3", "l3")
+        "l1",
+        "l1",
+        "l2",
+        "l2",
+        "l3",
+        "l3",
+    )
 
 
 def test_scalar_parameters_are_rejected_by_both():
@@ -197,8 +220,13 @@ def test_unknown_names_and_ranks():
     with pytest.raises(ValueError, match="unique"):
         fsdp1_layout([ParamSpec(name="w", shape=(2,))] * 2, 2)
     with pytest.raises(ValueError, match="equal numel"):
-        Fsdp1Layout(params=layer_specs()[:1], world_size=2, use_orig_params=False, flat=(Segment("l1.weight", 0, 24),),
-                    shards=((Segment("l1.weight", 0, 20),), (Segment("l1.weight", 20, 24),)))
+        Fsdp1Layout(
+            params=layer_specs()[:1],
+            world_size=2,
+            use_orig_params=False,
+            flat=(Segment("l1.weight", 0, 24),),
+            shards=((Segment("l1.weight", 0, 20),), (Segment("l1.weight", 20, 24),)),
+        )
 
 
 def test_layouts_pickle_and_compare_by_value():
@@ -211,6 +239,7 @@ def test_merge_observed_takes_each_rank_from_itself():
     from dataclasses import replace
 
     from fsdp_nb.layout.inspect import merge_observed  # kernel side, but pure
+
     model = fsdp2_layout(layer_specs(), 2)
     seen = [replace(model, observed_ranks=(r,)) for r in range(2)]
     assert merge_observed(seen) == replace(model, observed_ranks=(0, 1))
@@ -221,7 +250,7 @@ def test_merge_observed_takes_each_rank_from_itself():
 
 
 def test_public_signatures_take_positional_arguments_as_documented():
-    """The issue spells these calls out: ParamSpec(name, shape, dtype, requires_grad), fsdp1_layout(specs, world, uop)."""
+    """As the issue spells them: ParamSpec(name, shape, dtype, requires_grad), fsdp1_layout(specs, world, uop)."""
     import torch
 
     from fsdp_nb.layout.model import ParamSpec, fsdp1_layout, fsdp2_layout

@@ -1,4 +1,5 @@
 """Layouts read from the real 2-rank session: the seed's cases, and what torch refuses."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,8 +33,13 @@ def test_fsdp1_real_layout_matches_the_seed_and_the_model(session):
     assert isinstance(lay, Fsdp1Layout) and lay.observed_ranks == (0, 1)
     assert (lay.total_numel, lay.padding_numel, lay.padded_numel) == (93, 1, 94)
     assert lay.segments(0) == (("l1.weight", 0, 24), ("l1.bias", 0, 6), ("l2.weight", 0, 17))
-    assert lay.segments(1) == (("l2.weight", 17, 36), ("l2.bias", 0, 6), ("l3.weight", 0, 18),
-                               ("l3.bias", 0, 3), (None, 0, 1))
+    assert lay.segments(1) == (
+        ("l2.weight", 17, 36),
+        ("l2.bias", 0, 6),
+        ("l3.weight", 0, 18),
+        ("l3.bias", 0, 3),
+        (None, 0, 1),
+    )
     assert dataclasses.replace(lay, observed_ranks=()) == fsdp1_layout(specs_of(Layer()), 2)
 
 
@@ -54,8 +60,10 @@ def test_fsdp2_real_local_shapes(session):
 
 
 def test_memory_per_rank_counts_padding(session):
-    session.run(FSDP1.format(orig=False) + "opt = torch.optim.Adam(m1.parameters())\n"
-                "m1(torch.randn(2, 4)).sum().backward()\nopt.step()").raise_errors()
+    session.run(
+        FSDP1.format(orig=False) + "opt = torch.optim.Adam(m1.parameters())\n"
+        "m1(torch.randn(2, 4)).sum().backward()\nopt.step()"
+    ).raise_errors()
     reports = session.memory("m1", "opt")
     assert [m.rank for m in reports] == [0, 1]
     assert [m.params.real + m.params.padding for m in reports] == [47 * 4, 47 * 4]
@@ -65,21 +73,29 @@ def test_memory_per_rank_counts_padding(session):
 
 
 def test_freezing_l1_under_fsdp1_is_refused_and_explained_fsdp2_trains(session):
-    res = session.run(FSDP1.replace("m1 = ", "layer = Layer()\nlayer.l1.requires_grad_(False)\nm1 = ")
-                      .replace("F.FullyShardedDataParallel(Layer()", "F.FullyShardedDataParallel(layer")
-                      .format(orig=False))
+    res = session.run(
+        FSDP1.replace("m1 = ", "layer = Layer()\nlayer.l1.requires_grad_(False)\nm1 = ")
+        .replace("F.FullyShardedDataParallel(Layer()", "F.FullyShardedDataParallel(layer")
+        .format(orig=False)
+    )
     err = res.errors[0][1]
     assert err.type == "ValueError" and "uniform `requires_grad`" in err.message
     predicted = fsdp1_layout(specs_of(_frozen_layer()), 2)
     assert predicted.raises == f"ValueError: {err.message}" and "frozen" in predicted.errors[0].message
     assert "fsdp_nb explains: FSDP1 with use_orig_params=False concatenates" in err.traceback
-    session.run(FSDP2.replace("m2 = Layer()", "m2 = Layer()\nm2.l1.requires_grad_(False)\n"
-                              "before = m2.l1.weight.detach().clone()") +
-                "opt = torch.optim.SGD([p for p in m2.parameters() if p.requires_grad], lr=0.1)\n"
-                "w2 = m2.l2.weight.full_tensor().clone()\n"
-                "m2(torch.randn(4, 4)).sum().backward()\nopt.step()").raise_errors()
-    frozen_same, l2_changed = zip(*session.eval(
-        "(torch.equal(m2.l1.weight.full_tensor(), before), not torch.equal(w2, m2.l2.weight.full_tensor()))"))
+    session.run(
+        FSDP2.replace(
+            "m2 = Layer()", "m2 = Layer()\nm2.l1.requires_grad_(False)\nbefore = m2.l1.weight.detach().clone()"
+        )
+        + "opt = torch.optim.SGD([p for p in m2.parameters() if p.requires_grad], lr=0.1)\n"
+        "w2 = m2.l2.weight.full_tensor().clone()\n"
+        "m2(torch.randn(4, 4)).sum().backward()\nopt.step()"
+    ).raise_errors()
+    frozen_same, l2_changed = zip(
+        *session.eval(
+            "(torch.equal(m2.l1.weight.full_tensor(), before), not torch.equal(w2, m2.l2.weight.full_tensor()))"
+        )
+    )
     assert all(frozen_same) and all(l2_changed)
 
 
@@ -90,25 +106,33 @@ def _frozen_layer():
 
 
 def test_bf16_layer_in_one_fsdp2_group_fails_at_first_forward_in_its_own_group_works(session):
-    res = session.run(FSDP2.replace("fully_shard(m2, mesh=mesh)", "m2.l2.to(torch.bfloat16)\nfully_shard(m2, mesh=mesh)")
-                      + "m2(torch.randn(2, 4))")
+    res = session.run(
+        FSDP2.replace("fully_shard(m2, mesh=mesh)", "m2.l2.to(torch.bfloat16)\nfully_shard(m2, mesh=mesh)")
+        + "m2(torch.randn(2, 4))"
+    )
     err = res.errors[0][1]
     assert err.type == "AssertionError" and "uniform original parameter dtype" in err.message
     assert "fsdp_nb explains: One fully_shard group all-gathers" in err.traceback
-    session.run(FSDP2.replace("fully_shard(m2, mesh=mesh)", "m2.l2.to(torch.bfloat16)\nfully_shard(m2.l2, mesh=mesh)\n"
-                              "fully_shard(m2, mesh=mesh)") +
-                "with torch.autocast('cpu', dtype=torch.bfloat16):\n    out = m2(torch.randn(2, 4))\n"
-                "out.float().sum().backward()").raise_errors()
+    session.run(
+        FSDP2.replace(
+            "fully_shard(m2, mesh=mesh)",
+            "m2.l2.to(torch.bfloat16)\nfully_shard(m2.l2, mesh=mesh)\nfully_shard(m2, mesh=mesh)",
+        )
+        + "with torch.autocast('cpu', dtype=torch.bfloat16):\n    out = m2(torch.randn(2, 4))\n"
+        "out.float().sum().backward()"
+    ).raise_errors()
     assert session.eval("(m2.l2.weight.dtype, m2.l1.weight.dtype)") == [(torch_bf16(), torch_f32())] * 2
 
 
 def torch_bf16():
     import torch
+
     return torch.bfloat16
 
 
 def torch_f32():
     import torch
+
     return torch.float32
 
 

@@ -1,4 +1,5 @@
 """The magics in a real in-process IPython shell, over the shared session."""
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -67,16 +68,19 @@ def test_status_prints_ranks_and_pids(ipshell, capsys, session):
     assert out[1:] == [f"  rank {r}: pid {pid}, alive" for r, pid in enumerate(session.pids)]
 
 
-@pytest.mark.parametrize("line, message", [
-    ("--bogus", "unrecognized arguments: --bogus"),
-    ("-n 0", "nprocs=0 is not valid"),
-    ("-n abc", "invalid int value: 'abc'"),
-    ("-n 100000", "more ranks than this machine can run"),
-    ("--backend nccl", "--backend nccl needs CUDA"),
-    ("--device cuda", "--device cuda needs CUDA"),
-    ("--device tpu", "invalid choice: 'tpu'"),
-    ("--timeout -1", "timeout=-1.0 is not valid"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("--bogus", "unrecognized arguments: --bogus"),
+        ("-n 0", "nprocs=0 is not valid"),
+        ("-n abc", "invalid int value: 'abc'"),
+        ("-n 100000", "more ranks than this machine can run"),
+        ("--backend nccl", "--backend nccl needs CUDA"),
+        ("--device cuda", "--device cuda needs CUDA"),
+        ("--device tpu", "invalid choice: 'tpu'"),
+        ("--timeout -1", "timeout=-1.0 is not valid"),
+    ],
+)
 def test_bad_launch_flags_are_one_line_usage_errors(bare_shell, line, message):
     before = len(mp.active_children())
     with pytest.raises(UsageError) as info:
@@ -131,9 +135,13 @@ def test_progress_and_metrics_events_drive_the_dashboard(ipshell, session):
     dash = session.dashboard  # the dashboard belongs to the session
     dash.widgets = True  # what a Jupyter kernel uses
     try:
-        ipshell.run_cell_magic("fsdp", "", "from fsdp_nb import events\nfor i in range(1, 6):\n"
-                               "    events.emit('progress', step=i, total=5, desc='train')\n"
-                               "    events.emit('metrics', step=i, loss=10.0 / i, run='demo')")
+        ipshell.run_cell_magic(
+            "fsdp",
+            "",
+            "from fsdp_nb import events\nfor i in range(1, 6):\n"
+            "    events.emit('progress', step=i, total=5, desc='train')\n"
+            "    events.emit('metrics', step=i, loss=10.0 / i, run='demo')",
+        )
         assert (dash.bar.value, dash.bar.max, dash.label.value) == (5, 5, "train 5/5")
         assert dash.image.value[:8] == b"\x89PNG\r\n\x1a\n"
         fig = dash.figure("loss")

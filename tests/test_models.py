@@ -1,4 +1,5 @@
 """GPT: shapes, deterministic init, tied embeddings, causality. Pure, one process."""
+
 import math
 
 import pytest

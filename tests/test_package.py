@@ -1,4 +1,5 @@
 """The package surface: lazy public names resolve, and the rank entry point imports light."""
+
 from __future__ import annotations
 
 import subprocess
@@ -14,16 +15,29 @@ def test_every_public_name_resolves():
 
 def test_worker_import_does_not_pull_heavy_modules():
     """Ranks import fsdp_nb.rank.worker at spawn; matplotlib, IPython and torch.distributed wait until used."""
-    code = ("import sys, fsdp_nb.rank.worker; "
-            "print(sorted(m for m in ('matplotlib', 'IPython', 'torch', 'ipywidgets') if m in sys.modules))")
+    code = (
+        "import sys, fsdp_nb.rank.worker; "
+        "print(sorted(m for m in ('matplotlib', 'IPython', 'torch', 'ipywidgets') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 # Names that earlier issues spelled: each stays importable from the path users were given.
 CONTRACT = {
-    "fsdp_nb": ["Session", "SessionError", "FSDPConfig", "shard", "Trainer", "TrainConfig", "GPT", "GPTConfig",
-                "Layer", "current_session", "emit"],
+    "fsdp_nb": [
+        "Session",
+        "SessionError",
+        "FSDPConfig",
+        "shard",
+        "Trainer",
+        "TrainConfig",
+        "GPT",
+        "GPTConfig",
+        "Layer",
+        "current_session",
+        "emit",
+    ],
     "fsdp_nb.layout": ["ParamSpec", "specs_of", "fsdp1_layout", "fsdp2_layout"],
     "fsdp_nb.inspect": ["layout_of", "memory_of"],
     "fsdp_nb.viz": ["plot_fsdp1", "plot_fsdp2", "plot_comparison", "plot_memory", "format_layout", "explore"],
@@ -52,8 +66,14 @@ def test_lazy_names_are_visible_to_tools():
     assert set(fsdp_nb.__all__) <= set(dir(fsdp_nb))
     assert {"Session", "current_session", "explore"} <= set(dir(fsdp_nb)) | set(dir(fsdp_nb.viz))
     tree = ast.parse(Path(fsdp_nb.__file__).read_text())
-    typed = {a.asname or a.name for node in ast.walk(tree) if isinstance(node, ast.If)
-             for imp in node.body if isinstance(imp, ast.ImportFrom) for a in imp.names}
+    typed = {
+        a.asname or a.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If)
+        for imp in node.body
+        if isinstance(imp, ast.ImportFrom)
+        for a in imp.names
+    }
     assert set(fsdp_nb._LAZY) == typed  # every lazy export is also imported for type checkers
 
 

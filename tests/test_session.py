@@ -1,4 +1,5 @@
 """Session behaviour on the shared real 2-rank gloo session."""
+
 from __future__ import annotations
 
 import time
@@ -87,7 +88,9 @@ def test_errors_grouped_first_failing_rank_first(session):
 
 
 def test_different_errors_shown_separately(session):
-    res = session.run("import time\nif rank == 0:\n    time.sleep(0.2)\n    raise TypeError('t')\nraise ValueError('v')")
+    res = session.run(
+        "import time\nif rank == 0:\n    time.sleep(0.2)\n    raise TypeError('t')\nraise ValueError('v')"
+    )
     lines = RankError(res)._render_traceback_()
     heads = [ln for ln in lines if ln.startswith("[rank")]
     assert heads == ["[rank 1] ValueError: v", "[rank 0] TypeError: t"]
@@ -133,8 +136,10 @@ def test_trailing_semicolon_suppresses_result(session):
 
 
 def test_display_and_plt_show_reach_the_kernel(session, recorder):
-    session.run("import matplotlib.pyplot as plt\nplt.plot([0, rank])\nplt.show()\n"
-                "display({'text/plain': f'custom {rank}'})", output=recorder)
+    session.run(
+        "import matplotlib.pyplot as plt\nplt.plot([0, rank])\nplt.show()\ndisplay({'text/plain': f'custom {rank}'})",
+        output=recorder,
+    )
     shown = [(r, d) for _, r, n, d in recorder.items if n == "display"]
     assert sorted(r for r, d in shown if "image/png" in d) == [0, 1]
     assert sorted(d["text/plain"] for r, d in shown if "image/png" not in d) == ["custom 0", "custom 1"]
@@ -144,8 +149,10 @@ def test_events_are_collected_and_handled(session):
     seen = []
     session.event_handlers.append(lambda r, k, p: seen.append((r, k, p)))
     try:
-        res = session.run("from fsdp_nb import events\nfor i in range(3):\n"
-                          "    events.emit('metrics', step=i, loss=1.0 / (i + 1))\nevents.in_session()")
+        res = session.run(
+            "from fsdp_nb import events\nfor i in range(3):\n"
+            "    events.emit('metrics', step=i, loss=1.0 / (i + 1))\nevents.in_session()"
+        )
     finally:
         session.event_handlers.pop()
     assert res.values == [True, True]
@@ -197,11 +204,17 @@ def test_interrupt_of_the_waiting_thread_is_relayed(session):
     assert session.state == State.READY and session.eval("1") == [1, 1]
 
 
-@pytest.mark.parametrize("code, why", [
-    ("import os, signal\nif rank == 1: os.kill(os.getpid(), signal.SIGKILL)", "rank 1 exited with signal 9 (SIGKILL)"),
-    ("import os\nif rank == 1: os._exit(3)", "rank 1 exited with code 3"),
-    ("import ctypes\nif rank == 1: ctypes.string_at(0)", "rank 1 exited with signal 11 (SIGSEGV)"),
-])
+@pytest.mark.parametrize(
+    "code, why",
+    [
+        (
+            "import os, signal\nif rank == 1: os.kill(os.getpid(), signal.SIGKILL)",
+            "rank 1 exited with signal 9 (SIGKILL)",
+        ),
+        ("import os\nif rank == 1: os._exit(3)", "rank 1 exited with code 3"),
+        ("import ctypes\nif rank == 1: ctypes.string_at(0)", "rank 1 exited with signal 11 (SIGSEGV)"),
+    ],
+)
 def test_dead_rank_is_reported_fast(session, code, why):
     t0 = time.perf_counter()
     res = session.run(code + "\nimport time\ntime.sleep(0.5)\ndist.barrier()")
@@ -282,7 +295,8 @@ def test_clean_exit_after_autograd_work(tmp_path):
         "    loss.backward()\\n    [dist.all_reduce(p.grad) for p in m.parameters()]').raise_errors()\n"
         "procs = [rk.proc for rk in s._ranks]\n"
         "s.close()\n"
-        "print('exitcodes', [p.exitcode for p in procs])\n")
+        "print('exitcodes', [p.exitcode for p in procs])\n"
+    )
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "exitcodes [0, 0]" in out.stdout
@@ -291,8 +305,9 @@ def test_clean_exit_after_autograd_work(tmp_path):
 
 
 def test_collated_mode_reports_errors_in_rank_order(session, capsys):
-    res = session.run("import time\nif rank == 0:\n    time.sleep(0.2)\n    raise TypeError('t')\nraise ValueError('v')",
-                      collate=True)
+    res = session.run(
+        "import time\nif rank == 0:\n    time.sleep(0.2)\n    raise TypeError('t')\nraise ValueError('v')", collate=True
+    )
     assert [r for r, _ in res.errors] == [0, 1]
     assert str(RankError(res)) == "rank 0 failed: TypeError: t; rank 1 failed: ValueError: v"
     res = session.run("raise ValueError(f'bad {rank}')", collate=True)
@@ -318,9 +333,11 @@ def test_values_the_kernel_cannot_rebuild_come_back_as_repr(session):
     res = session.run("class Foo:\n    def __repr__(self):\n        return f'Foo on {rank}'\nFoo()")
     assert res.ok and res.values == ["Foo on 0", "Foo on 1"]
     assert "class defined in a cell" in res.notes()[0]
-    session.run("from torch.distributed.device_mesh import init_device_mesh\n"
-                "from torch.distributed.tensor import distribute_tensor, Shard\n"
-                "dt = distribute_tensor(torch.ones(4, 2), init_device_mesh('cpu', (2,)), [Shard(0)])").raise_errors()
+    session.run(
+        "from torch.distributed.device_mesh import init_device_mesh\n"
+        "from torch.distributed.tensor import distribute_tensor, Shard\n"
+        "dt = distribute_tensor(torch.ones(4, 2), init_device_mesh('cpu', (2,)), [Shard(0)])"
+    ).raise_errors()
     res = session.run("dt")
     assert all(v.startswith("DTensor(") for v in res.values) and "process-group state" in res.notes()[0]
     with pytest.raises(SessionError, match=r"'dt' on rank 0 cannot be sent to the notebook: it holds process-group"):

@@ -3,6 +3,7 @@
 Multi-process tests run source text on the session's ranks and pull values back;
 each compares against a single-process reference where a value can be checked.
 """
+
 import textwrap
 
 import pytest
@@ -39,8 +40,9 @@ def test_transformer_wrap_picks_the_blocks():
     model = GPT(GPTConfig.debug(n_layer=3))
     units = wrap_units(model, FSDPConfig(auto_wrap_policy="TRANSFORMER_BASED_WRAP"))  # default: _no_split_modules
     assert units == list(model.blocks)
-    named = wrap_units(model, FSDPConfig(auto_wrap_policy="TRANSFORMER_BASED_WRAP",
-                                         transformer_cls_names_to_wrap=["MLP"]))
+    named = wrap_units(
+        model, FSDPConfig(auto_wrap_policy="TRANSFORMER_BASED_WRAP", transformer_cls_names_to_wrap=["MLP"])
+    )
     assert named == [b.mlp for b in model.blocks]
     assert wrap_units(model, FSDPConfig(auto_wrap_policy="NO_WRAP")) == []
 
@@ -63,8 +65,10 @@ def test_a_unit_that_would_split_tied_embeddings_stays_in_the_root():
 
 def test_missing_wrap_class_lists_what_the_model_has():
     with pytest.raises(ValueError) as err:
-        wrap_units(GPT(GPTConfig.debug()), FSDPConfig(auto_wrap_policy="TRANSFORMER_BASED_WRAP",
-                                                      transformer_cls_names_to_wrap=["LlamaDecoderLayer"]))
+        wrap_units(
+            GPT(GPTConfig.debug()),
+            FSDPConfig(auto_wrap_policy="TRANSFORMER_BASED_WRAP", transformer_cls_names_to_wrap=["LlamaDecoderLayer"]),
+        )
     message = str(err.value)
     assert "['LlamaDecoderLayer']" in message and "'Block'" in message and "'CausalSelfAttention'" in message
 
@@ -85,7 +89,10 @@ def test_activation_checkpointing_wraps_the_units_in_place():
 
 @pytest.mark.timeout(60)
 def test_stale_optimizer_is_detected_and_step_refuses(session):
-    run(session, RANK_IMPORTS, """
+    run(
+        session,
+        RANK_IMPORTS,
+        """
     model = GPT(GPTConfig.debug())
     early = torch.optim.AdamW(model.parameters())        # built BEFORE sharding: wrong
     sharded = shard(model, FSDPConfig(auto_wrap_policy="TRANSFORMER_BASED_WRAP"))
@@ -97,7 +104,8 @@ def test_stale_optimizer_is_detected_and_step_refuses(session):
             attempt()
         except RuntimeError as e:
             messages.append(str(e))
-    """)
+    """,
+    )
     messages = session.eval("messages")
     assert all(len(m) == 2 for m in messages)
     assert "holds 28 of its 28 tensors from before shard()" in messages[0][0]
@@ -106,7 +114,10 @@ def test_stale_optimizer_is_detected_and_step_refuses(session):
 
 @pytest.mark.timeout(60)
 def test_fsdp2_forward_prefetch_chains_the_blocks(session):
-    run(session, RANK_IMPORTS, """
+    run(
+        session,
+        RANK_IMPORTS,
+        """
     model = shard(GPT(GPTConfig.debug(n_layer=3)),
                   FSDPConfig(auto_wrap_policy="TRANSFORMER_BASED_WRAP", forward_prefetch=True))
     states = [b._get_fsdp_state() for b in model.blocks]
@@ -114,7 +125,8 @@ def test_fsdp2_forward_prefetch_chains_the_blocks(session):
     tied = model.lm_head.weight is model.wte.weight and type(model.wte.weight).__name__ == "DTensor"
     loss = model(x, x)[1]
     loss.backward()
-    """)
+    """,
+    )
     assert session.eval("chain") == [[[1], [2], []]] * 2  # block i gathers block i+1 during its forward
     assert session.eval("tied") == [True, True]  # one DTensor, sharded once, in the root's group
 
@@ -122,7 +134,10 @@ def test_fsdp2_forward_prefetch_chains_the_blocks(session):
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("version", [1, 2])
 def test_bf16_computes_in_bf16_and_reduces_gradients_in_fp32(session, version):
-    run(session, RANK_IMPORTS, f"""
+    run(
+        session,
+        RANK_IMPORTS,
+        f"""
     import torch.distributed as dist
     model = shard(GPT(GPTConfig.debug()), FSDPConfig(fsdp_version={version}, mixed_precision="bf16",
                   auto_wrap_policy="TRANSFORMER_BASED_WRAP"))
@@ -148,9 +163,11 @@ def test_bf16_computes_in_bf16_and_reduces_gradients_in_fp32(session, version):
     param_dtypes = {{str(p.dtype) for p in model.parameters()}}
     policy = model.mixed_precision if {version} == 1 else model._get_fsdp_state()._mp_policy
     declared = (str(policy.param_dtype), str(policy.reduce_dtype))
-    """)
-    for rank_values in zip(*(session.eval(n) for n in
-                             ("reduce_dtypes", "compute_dtypes", "param_dtypes", "declared", "losses"))):
+    """,
+    )
+    for rank_values in zip(
+        *(session.eval(n) for n in ("reduce_dtypes", "compute_dtypes", "param_dtypes", "declared", "losses"))
+    ):
         reduce_dtypes, compute_dtypes, param_dtypes, declared, losses = rank_values
         assert reduce_dtypes == {"torch.float32"}  # what crossed the wire
         assert compute_dtypes == {"torch.bfloat16"}
@@ -170,7 +187,11 @@ frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if n
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("version", [1, 2])
 def test_partial_freezing_trains_the_rest_only(session, version):
-    run(session, RANK_IMPORTS, FREEZE, f"""
+    run(
+        session,
+        RANK_IMPORTS,
+        FREEZE,
+        f"""
     trained_before = {{n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}}
     sharded = shard(model, FSDPConfig(fsdp_version={version}, use_orig_params=True,
                     auto_wrap_policy="TRANSFORMER_BASED_WRAP"))
@@ -182,7 +203,8 @@ def test_partial_freezing_trains_the_rest_only(session, version):
     after = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True))
     frozen_change = max((after[n] - v).abs().max().item() for n, v in frozen_before.items())
     unchanged_trainable = [n for n, v in trained_before.items() if torch.equal(after[n], v)]
-    """)
+    """,
+    )
     assert session.eval("sorted(frozen_before)") == [["blocks.0.attn.qkv.bias", "blocks.0.attn.qkv.weight"]] * 2
     assert session.eval("frozen_change") == [0.0, 0.0]
     assert session.eval("unchanged_trainable") == [[], []]
@@ -190,13 +212,18 @@ def test_partial_freezing_trains_the_rest_only(session, version):
 
 @pytest.mark.timeout(60)
 def test_fsdp1_flat_parameters_cannot_mix_frozen_and_trainable(session):
-    run(session, RANK_IMPORTS, FREEZE, """
+    run(
+        session,
+        RANK_IMPORTS,
+        FREEZE,
+        """
     try:
         shard(model, FSDPConfig(fsdp_version=1, use_orig_params=False, auto_wrap_policy="TRANSFORMER_BASED_WRAP"))
         message, cause = None, None
     except ValueError as e:
         message, cause = str(e), str(e.__cause__)
-    """)
+    """,
+    )
     message, cause = session.eval("message")[0], session.eval("cause")[0]
     assert "cannot mix frozen and trainable parameters" in message and "use_orig_params=True" in message
     assert "requires_grad" in cause  # torch's own error is kept as the cause
@@ -205,7 +232,10 @@ def test_fsdp1_flat_parameters_cannot_mix_frozen_and_trainable(session):
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("version", [1, 2])
 def test_cpu_ram_efficient_loading_gives_every_rank_rank0_weights(session, version):
-    run(session, RANK_IMPORTS, f"""
+    run(
+        session,
+        RANK_IMPORTS,
+        f"""
     config = FSDPConfig(fsdp_version={version}, cpu_ram_efficient_loading=True,
                         auto_wrap_policy="TRANSFORMER_BASED_WRAP")
     built = build_on_rank0(lambda: GPT(GPTConfig.debug(), seed=11), config)
@@ -213,7 +243,8 @@ def test_cpu_ram_efficient_loading_gives_every_rank_rank0_weights(session, versi
     model = shard(built, config)
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     loss = model(x, x)[1].item()
-    """)
+    """,
+    )
     assert session.eval("built_on") == ["cpu", "meta"]
     reference = GPT(GPTConfig.debug(), seed=11)
     expected = reference.state_dict()
@@ -228,11 +259,15 @@ def test_cpu_ram_efficient_loading_gives_every_rank_rank0_weights(session, versi
 
 @pytest.mark.timeout(60)
 def test_fsdp1_sync_module_states_works_on_cpu(session):
-    run(session, RANK_IMPORTS, """
+    run(
+        session,
+        RANK_IMPORTS,
+        """
     model = shard(GPT(GPTConfig.debug(), seed=100 + rank),      # different weights per rank
                   FSDPConfig(fsdp_version=1, sync_module_states=True, auto_wrap_policy="TRANSFORMER_BASED_WRAP"))
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-    """)
+    """,
+    )
     expected = GPT(GPTConfig.debug(), seed=100).state_dict()  # rank 0's
     for full in session.eval("full"):
         for name, value in expected.items():

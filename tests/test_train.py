@@ -4,6 +4,7 @@ The reference runs in the pytest process (no process group, the whole global
 batch); the sharded runs happen on the shared session, and under torchrun for
 the command line and for an uneven world size of 3.
 """
+
 import json
 import os
 import subprocess
@@ -21,8 +22,7 @@ from fsdp_nb.session.output import Silent
 from fsdp_nb.train import TrainConfig, Trainer, lr_at
 
 TOL = dict(rtol=1e-5, atol=1e-5)  # fp32; what the brief promises
-TRAIN = dict(steps=10, global_batch_size=6, lr=1e-3, weight_decay=0.1, warmup_steps=2,
-             clip_norm=0.5, log_interval=10)
+TRAIN = dict(steps=10, global_batch_size=6, lr=1e-3, weight_decay=0.1, warmup_steps=2, clip_norm=0.5, log_interval=10)
 CORPUS_BYTES = 40_000
 
 RANK_SETUP = f"""
@@ -57,10 +57,12 @@ def reference(**train) -> tuple[list[dict], dict]:
 
 
 def assert_same_run(history, params, ref_history, ref_params):
-    torch.testing.assert_close(torch.tensor([h["loss"] for h in history]),
-                               torch.tensor([h["loss"] for h in ref_history]), **TOL)
-    torch.testing.assert_close(torch.tensor([h["grad_norm"] for h in history]),
-                               torch.tensor([h["grad_norm"] for h in ref_history]), **TOL)
+    torch.testing.assert_close(
+        torch.tensor([h["loss"] for h in history]), torch.tensor([h["loss"] for h in ref_history]), **TOL
+    )
+    torch.testing.assert_close(
+        torch.tensor([h["grad_norm"] for h in history]), torch.tensor([h["grad_norm"] for h in ref_history]), **TOL
+    )
     assert sorted(params) == sorted(ref_params)
     for name, value in ref_params.items():
         torch.testing.assert_close(params[name], value, **TOL, msg=name)
@@ -92,12 +94,15 @@ def test_single_process_training_learns():
 
 def test_run_file_sections(tmp_path, capsys):
     path = tmp_path / "run.yaml"
-    path.write_text("model: {size: debug, n_layer: 3}\ntrain: {steps: 4}\n"
-                    "fsdp: {fsdp_version: 1, auto_wrap_policy: TRANSFORMER_BASED_WRAP}\n")
+    path.write_text(
+        "model: {size: debug, n_layer: 3}\ntrain: {steps: 4}\n"
+        "fsdp: {fsdp_version: 1, auto_wrap_policy: TRANSFORMER_BASED_WRAP}\n"
+    )
     run_spec = load_run_file(str(path))
     assert run_spec["model"].n_layer == 3 and run_spec["model"].n_embd == 32
     assert run_spec["train"].steps == 4 and run_spec["fsdp"].fsdp_version == 1
     from fsdp_nb.cli import main
+
     assert main(["train", "--config", str(path)]) == 2  # an fsdp section without torchrun: one clear line
     assert "needs several ranks" in capsys.readouterr().err
     path.write_text("optimiser: {lr: 1}\n")
@@ -139,7 +144,10 @@ def test_accumulating_two_half_batches_equals_the_full_batch():
 def test_gradient_accumulation_parity_and_one_reduction_per_step(session, version):
     train = {**TRAIN, "global_batch_size": 8, "grad_accum_steps": 2, "steps": 4}
     fsdp = dict(fsdp_version=version, auto_wrap_policy="TRANSFORMER_BASED_WRAP")
-    run(session, RANK_SETUP, f"""
+    run(
+        session,
+        RANK_SETUP,
+        f"""
     import torch.distributed as dist
     original, reductions = dist.reduce_scatter_single, []
     dist.reduce_scatter_single = lambda *a, **k: reductions.append(1) or original(*a, **k)
@@ -147,7 +155,8 @@ def test_gradient_accumulation_parity_and_one_reduction_per_step(session, versio
         history, params = train_run({train!r}, {fsdp!r})
     finally:
         dist.reduce_scatter_single = original
-    """)
+    """,
+    )
     ref_history, ref_params = reference(**train)
     history, params = session.eval("history")[0], session.eval("params")[0]
     assert_same_run(history, params, ref_history, ref_params)
@@ -158,7 +167,7 @@ def test_gradient_accumulation_parity_and_one_reduction_per_step(session, versio
 @pytest.mark.timeout(60)
 def test_memory_is_sharded(session):
     fsdp = dict(fsdp_version=2, auto_wrap_policy="TRANSFORMER_BASED_WRAP")
-    run(session, RANK_SETUP, f"history, params = train_run({ {**TRAIN, 'steps': 1} !r}, {fsdp!r})")
+    run(session, RANK_SETUP, f"history, params = train_run({ {**TRAIN, 'steps': 1}!r}, {fsdp!r})")
     full = GPT(GPTConfig.debug()).num_params() * 4
     for record in session.eval("history[-1]"):
         # dim-0 chunks of each parameter: half of it, plus at most a row of padding per tensor
@@ -184,13 +193,17 @@ def test_progress_and_metrics_reach_the_notebook_from_rank_0(session, recorder):
 
 
 def test_batch_smaller_than_world_size_is_refused(session):
-    run(session, RANK_SETUP, """
+    run(
+        session,
+        RANK_SETUP,
+        """
     try:
         train_run(dict(global_batch_size=1), dict(fsdp_version=2))
         message = None
     except ValueError as e:
         message = str(e)
-    """)
+    """,
+    )
     assert "global_batch_size=1 is smaller than world_size=2" in session.eval("message")[0]
 
 
@@ -216,30 +229,51 @@ fsdp: {{fsdp_version: 2, auto_wrap_policy: TRANSFORMER_BASED_WRAP}}
 @pytest.mark.timeout(120)
 def test_cli_under_torchrun_matches_the_session(session, tmp_path):
     (tmp_path / "run.yaml").write_text(RUN_FILE)
-    done = torchrun(2, ["-m", "fsdp_nb.cli", "train", "--config", str(tmp_path / "run.yaml"),
-                        "--history", str(tmp_path / "history.json")], timeout=110)
+    done = torchrun(
+        2,
+        [
+            "-m",
+            "fsdp_nb.cli",
+            "train",
+            "--config",
+            str(tmp_path / "run.yaml"),
+            "--history",
+            str(tmp_path / "history.json"),
+        ],
+        timeout=110,
+    )
     assert "[##########..........] step 3/6 loss" in done.stdout  # a plain progress bar in a terminal
-    assert "[####################] step 6/6 loss" in done.stdout and done.stdout.count("val_loss") == 2  # rank 0 prints, once
+    assert (
+        "[####################] step 6/6 loss" in done.stdout and done.stdout.count("val_loss") == 2
+    )  # rank 0 prints, once
     from_torchrun = json.loads((tmp_path / "history.json").read_text())
-    run(session, RANK_SETUP, f"""
+    run(
+        session,
+        RANK_SETUP,
+        f"""
     from fsdp_nb.runfile import load_run_file
-    spec = load_run_file({str(tmp_path / 'run.yaml')!r})
+    spec = load_run_file({str(tmp_path / "run.yaml")!r})
     blocks = ByteBlocks(stdlib_corpus({CORPUS_BYTES}), 16)
     train_data, val_data = blocks.split(0.1)
     trainer = Trainer(GPT(spec["model"], seed=0), train_data, spec["train"], fsdp=spec["fsdp"], val_data=val_data)
     in_session = trainer.fit()
-    """)
+    """,
+    )
     in_session = session.eval("in_session")[0]
     for key in ("loss", "grad_norm"):
-        torch.testing.assert_close(torch.tensor([h[key] for h in from_torchrun]),
-                                   torch.tensor([h[key] for h in in_session]), **TOL)
+        torch.testing.assert_close(
+            torch.tensor([h[key] for h in from_torchrun]), torch.tensor([h[key] for h in in_session]), **TOL
+        )
     val = [(h["step"], h["val_loss"]) for h in from_torchrun if "val_loss" in h]
     assert [s for s, _ in val] == [3, 6]
-    torch.testing.assert_close(torch.tensor([v for _, v in val]),
-                               torch.tensor([h["val_loss"] for h in in_session if "val_loss" in h]), **TOL)
+    torch.testing.assert_close(
+        torch.tensor([v for _, v in val]), torch.tensor([h["val_loss"] for h in in_session if "val_loss" in h]), **TOL
+    )
 
 
-WORLD3_SCRIPT = RANK_SETUP + """
+WORLD3_SCRIPT = (
+    RANK_SETUP
+    + """
 import gc, sys, torch, torch.distributed as dist
 from fsdp_nb.train import init_distributed
 rank, world_size = init_distributed()
@@ -252,6 +286,7 @@ gc.collect()  # free FSDP state before the process group goes
 dist.barrier()
 dist.destroy_process_group()
 """
+)
 
 
 @pytest.mark.slow

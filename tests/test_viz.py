@@ -1,4 +1,5 @@
 """Figures and text tables, read back from what was drawn (patches, gids, texts), not pixels."""
+
 from __future__ import annotations
 
 import io
@@ -36,8 +37,13 @@ def test_fsdp1_figure_shows_the_flat_parameter_and_each_rank_chunk():
     fig = plot_fsdp1(fsdp1_layout(SPECS, 2))
     assert [g for g, _ in drawn(fig, "flat/")] == [f"flat/{s.name}" for s in SPECS] + ["flat/padding"]
     assert [g for g, _ in drawn(fig, "rank0/")] == ["rank0/l1.weight", "rank0/l1.bias", "rank0/l2.weight"]
-    assert [g for g, _ in drawn(fig, "rank1/")] == ["rank1/l2.weight", "rank1/l2.bias", "rank1/l3.weight",
-                                                   "rank1/l3.bias", "rank1/padding"]
+    assert [g for g, _ in drawn(fig, "rank1/")] == [
+        "rank1/l2.weight",
+        "rank1/l2.bias",
+        "rank1/l3.weight",
+        "rank1/l3.bias",
+        "rank1/padding",
+    ]
     # l2.weight straddles the cut: two pieces, 17 + 19 elements wide, each labelled with its range
     widths = [p.get_width() for g, p in drawn(fig) if g.endswith("/l2.weight") and g.startswith("rank")]
     assert widths == [17, 19]
@@ -102,20 +108,38 @@ def test_rejected_configuration_is_labelled_with_torchs_error():
 def test_memory_bars_from_layouts():
     fig = plot_memory({"FSDP1": fsdp1_layout(SPECS, 2), "FSDP2": fsdp2_layout(SPECS, 2)})
     bars = {g: p.get_height() for g, p in drawn(fig)}
-    assert bars == {"rank0/FSDP1/real": 188, "rank1/FSDP1/real": 184, "rank1/FSDP1/padding": 4,
-                    "rank0/FSDP2/real": 200, "rank1/FSDP2/real": 172, "rank1/FSDP2/padding": 28}
+    assert bars == {
+        "rank0/FSDP1/real": 188,
+        "rank1/FSDP1/real": 184,
+        "rank1/FSDP1/padding": 4,
+        "rank0/FSDP2/real": 200,
+        "rank1/FSDP2/real": 172,
+        "rank1/FSDP2/padding": 28,
+    }
     assert all(p.get_hatch() == "///" for g, p in drawn(fig) if g.endswith("padding"))
     assert len(drawn(plot_memory(fsdp1_layout(SPECS, 4)))) == 4 + 1  # only the last rank pads
 
 
 def test_memory_bars_from_reports_stack_params_grads_optimizer():
-    reports = [MemoryReport(rank=r, world_size=2, params=RankBytes(real=184, padding=4 * r),
-                            grads=RankBytes(real=184, padding=4 * r), optimizer=RankBytes(real=372, padding=0))
-               for r in (1, 0)]
+    reports = [
+        MemoryReport(
+            rank=r,
+            world_size=2,
+            params=RankBytes(real=184, padding=4 * r),
+            grads=RankBytes(real=184, padding=4 * r),
+            optimizer=RankBytes(real=372, padding=0),
+        )
+        for r in (1, 0)
+    ]
     fig = plot_memory(reports)
     got = [(g, p.get_height(), p.get_y()) for g, p in drawn(fig, "rank1/")]
-    assert got == [("rank1/params/real", 184, 0), ("rank1/params/padding", 4, 184), ("rank1/grads/real", 184, 188),
-                   ("rank1/grads/padding", 4, 372), ("rank1/optimizer/real", 372, 376)]
+    assert got == [
+        ("rank1/params/real", 184, 0),
+        ("rank1/params/padding", 4, 184),
+        ("rank1/grads/real", 184, 188),
+        ("rank1/grads/padding", 4, 372),
+        ("rank1/optimizer/real", 372, 376),
+    ]
     assert len(drawn(fig, "rank0/")) == 3
     with pytest.raises(TypeError, match="not a mix"):
         plot_memory([reports[0], fsdp1_layout(SPECS, 2)])
@@ -131,14 +155,24 @@ def test_text_tables_are_exact():
     assert format_fsdp1(fsdp1_layout(SPECS, 2)) == (
         "FSDP1 FlatParameter (use_orig_params=False, world size 2): 93 elements + 1 padding = 94, 47 per rank\n"
         "rank 0: l1.weight[0:24] l1.bias[0:6] l2.weight[0:17]\n"
-        "rank 1: l2.weight[17:36] l2.bias[0:6] l3.weight[0:18] l3.bias[0:3] pad[1]")
+        "rank 1: l2.weight[17:36] l2.bias[0:6] l3.weight[0:18] l3.bias[0:3] pad[1]"
+    )
     assert format_fsdp2(fsdp2_layout(SPECS, 2)).splitlines()[1:] == [
         "rank 0: l1.weight[0:3] l1.bias[0:3] l2.weight[0:3] l2.bias[0:3] l3.weight[0:2] l3.bias[0:2]",
-        "rank 1: l1.weight[3:6] l1.bias[3:6] l2.weight[3:6] l2.bias[3:6] l3.weight[2:3]+1pad l3.bias[2:3]+1pad"]
+        "rank 1: l1.weight[3:6] l1.bias[3:6] l2.weight[3:6] l2.bias[3:6] l3.weight[2:3]+1pad l3.bias[2:3]+1pad",
+    ]
     assert format_shapes(fsdp2_layout(SPECS, 2)).splitlines()[5] == "l3.weight  (3, 6)  (2, 6)  (1, 6)"
-    bf16 = [ParamSpec(name=s.name, shape=s.shape, dtype=torch.bfloat16 if "l2" in s.name else torch.float32)
-            for s in SPECS]
-    assert "error at wrap time: ValueError: Must flatten tensors with uniform dtype" in format_fsdp1(fsdp1_layout(bf16, 2))
-    report = MemoryReport(rank=0, world_size=1, params=RankBytes(real=8, padding=4), grads=RankBytes(real=0, padding=0),
-                          optimizer=RankBytes(real=16, padding=0))
+    bf16 = [
+        ParamSpec(name=s.name, shape=s.shape, dtype=torch.bfloat16 if "l2" in s.name else torch.float32) for s in SPECS
+    ]
+    assert "error at wrap time: ValueError: Must flatten tensors with uniform dtype" in format_fsdp1(
+        fsdp1_layout(bf16, 2)
+    )
+    report = MemoryReport(
+        rank=0,
+        world_size=1,
+        params=RankBytes(real=8, padding=4),
+        grads=RankBytes(real=0, padding=0),
+        optimizer=RankBytes(real=16, padding=0),
+    )
     assert format_memory([report]).splitlines()[1].split() == ["0", "8+4", "0+0", "16+0", "28"]

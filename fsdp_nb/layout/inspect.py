@@ -11,6 +11,7 @@ FSDP1 with `use_orig_params=False` leaves `module.l1.weight` as a view into free
 storage; touching its data can crash the process. This module reads only
 FlatParameter metadata (`_fqns`, `_shapes`, `_shard_param_infos`, ...).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -30,7 +31,7 @@ from fsdp_nb.layout.specs import ParamSpec, RankBytes, Segment
 
 
 def _clean(module_name: str) -> str:
-    """"l2._fsdp_wrapped_module" -> "l2"; the root's wrapped module -> ""."""
+    """ "l2._fsdp_wrapped_module" -> "l2"; the root's wrapped module -> ""."""
     return clean_tensor_name(module_name + ".").rstrip(".") if module_name else ""
 
 
@@ -51,14 +52,19 @@ def _flat_specs(handle, prefix: str) -> tuple[ParamSpec, ...]:
         grads = [p.requires_grad for p in flat._params]  # the original parameters, metadata only
     else:
         grads = [flat.requires_grad] * len(flat._fqns)  # uniform, or FSDP1 would have refused
-    return tuple(ParamSpec(name=_prefixed(prefix, fqn), shape=tuple(shape), dtype=handle._orig_param_dtype,
-                           requires_grad=g) for fqn, shape, g in zip(flat._fqns, flat._shapes, grads))
+    return tuple(
+        ParamSpec(name=_prefixed(prefix, fqn), shape=tuple(shape), dtype=handle._orig_param_dtype, requires_grad=g)
+        for fqn, shape, g in zip(flat._fqns, flat._shapes, grads)
+    )
 
 
 def _own_shard(flat, names: list[str]) -> tuple[Segment, ...]:
     """This rank's chunk from `_shard_param_infos`: parameter pieces by offset, gaps are padding."""
-    pieces = sorted((info.offset_in_shard, name, info.intra_param_start_idx, info.intra_param_end_idx + 1)
-                    for name, info in zip(names, flat._shard_param_infos) if info.in_shard)
+    pieces = sorted(
+        (info.offset_in_shard, name, info.intra_param_start_idx, info.intra_param_end_idx + 1)
+        for name, info in zip(names, flat._shard_param_infos)
+        if info.in_shard
+    )
     out, cursor = [], 0
     for offset, name, start, stop in pieces:
         if offset > cursor:  # alignment padding between parameters
@@ -77,13 +83,21 @@ def _fsdp1_layout(handle, prefix: str) -> Fsdp1Layout:
     world, rank = (handle.world_size, handle.rank) if handle.uses_sharded_strategy else (1, 0)
     specs = _flat_specs(handle, prefix)
     names = iter(s.name for s in specs)
-    entries = tuple(Segment(None, 0, n) if pad else Segment(next(names), 0, n)
-                    for n, pad in zip(flat._numels_with_padding, flat._is_padding_mask))
+    entries = tuple(
+        Segment(None, 0, n) if pad else Segment(next(names), 0, n)
+        for n, pad in zip(flat._numels_with_padding, flat._is_padding_mask)
+    )
     shards = list(shard_flat(entries, world))
     shards[rank] = _own_shard(flat, [s.name for s in specs])
-    return Fsdp1Layout(params=specs, world_size=world, use_orig_params=handle._use_orig_params, flat=entries,
-                       shards=tuple(shards), problems=fsdp1_problems(specs, handle._use_orig_params),
-                       observed_ranks=(rank,))
+    return Fsdp1Layout(
+        params=specs,
+        world_size=world,
+        use_orig_params=handle._use_orig_params,
+        flat=entries,
+        shards=tuple(shards),
+        problems=fsdp1_problems(specs, handle._use_orig_params),
+        observed_ranks=(rank,),
+    )
 
 
 def fsdp1_layouts_of(module: nn.Module) -> dict[str, Fsdp1Layout]:
@@ -115,8 +129,9 @@ def _fsdp2_layout(module: nn.Module) -> Fsdp2Layout:
     for name, group, fp in entries:
         p = fp.sharded_param  # DTensor, global shape
         if fp.fsdp_placement.dim != 0:
-            raise NotImplementedError(f"layout_of: {name} is sharded on dim {fp.fsdp_placement.dim}; "
-                                      "only dim 0 (the default) is modelled")
+            raise NotImplementedError(
+                f"layout_of: {name} is sharded on dim {fp.fsdp_placement.dim}; only dim 0 (the default) is modelled"
+            )
         rank, world = fp.mesh_info.shard_mesh_rank, fp.mesh_info.shard_mesh_size
         worlds.add(world)
         rows = p.shape[0]
@@ -135,9 +150,15 @@ def _fsdp2_layout(module: nn.Module) -> Fsdp2Layout:
         padded.append(fp.padded_sharded_param_size[0])  # rows of the all-gather input on every rank
     if len(worlds) != 1:
         raise NotImplementedError(f"layout_of: parameters are sharded over different group sizes {sorted(worlds)}")
-    return Fsdp2Layout(params=tuple(specs), world_size=worlds.pop(), groups=tuple(groups),
-                       row_ranges=tuple(ranges), padded_rows=tuple(padded),
-                       problems=fsdp2_problems(specs, groups), observed_ranks=(rank,))
+    return Fsdp2Layout(
+        params=tuple(specs),
+        world_size=worlds.pop(),
+        groups=tuple(groups),
+        row_ranges=tuple(ranges),
+        padded_rows=tuple(padded),
+        problems=fsdp2_problems(specs, groups),
+        observed_ranks=(rank,),
+    )
 
 
 def _is_fsdp2(module: nn.Module) -> bool:
@@ -151,11 +172,15 @@ def layout_of(module: nn.Module) -> Fsdp1Layout | Fsdp2Layout:
         return _fsdp2_layout(module)
     layouts = fsdp1_layouts_of(module)
     if not layouts:
-        raise TypeError(f"layout_of: {type(module).__name__} is not sharded; wrap it with FSDP(...) or "
-                        "fully_shard(...), or model it with fsdp_nb.layout.fsdp1_layout(specs_of(module), world_size)")
+        raise TypeError(
+            f"layout_of: {type(module).__name__} is not sharded; wrap it with FSDP(...) or "
+            "fully_shard(...), or model it with fsdp_nb.layout.fsdp1_layout(specs_of(module), world_size)"
+        )
     if len(layouts) > 1:
-        raise ValueError(f"layout_of: the module has {len(layouts)} FlatParameters (wrapping {sorted(layouts)}); "
-                         "pick one with fsdp1_layouts_of(module)[name]")
+        raise ValueError(
+            f"layout_of: the module has {len(layouts)} FlatParameters (wrapping {sorted(layouts)}); "
+            "pick one with fsdp1_layouts_of(module)[name]"
+        )
     return next(iter(layouts.values()))
 
 
@@ -171,8 +196,11 @@ def merge_observed(per_rank: Sequence[Fsdp1Layout | Fsdp2Layout]) -> Fsdp1Layout
         if type(lay) is not type(first) or lay.params != first.params or r not in lay.observed_ranks:
             raise ValueError(f"merge_observed: layout {r} is not rank {r}'s view of the same parameters")
     if isinstance(first, Fsdp1Layout):
-        return replace(first, shards=tuple(lay.shards[r] for r, lay in enumerate(per_rank)),
-                       observed_ranks=tuple(range(first.world_size)))
+        return replace(
+            first,
+            shards=tuple(lay.shards[r] for r, lay in enumerate(per_rank)),
+            observed_ranks=tuple(range(first.world_size)),
+        )
     world = range(first.world_size)
     ranges = tuple(tuple(per_rank[r].row_ranges[i][r] for r in world) for i in range(len(first.params)))
     return replace(first, row_ranges=ranges, observed_ranks=tuple(range(first.world_size)))
@@ -263,5 +291,6 @@ def memory_of(module: nn.Module, optimizer: torch.optim.Optimizer | None = None)
                 if isinstance(value, torch.Tensor):  # exp_avg like the FlatParameter chunk, or a scalar step
                     optim.add(value, real if real is not None and value.numel() == p.numel() else None)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    return MemoryReport(rank=rank, world_size=world, params=params.bytes(), grads=grads.bytes(),
-                        optimizer=optim.bytes())
+    return MemoryReport(
+        rank=rank, world_size=world, params=params.bytes(), grads=grads.bytes(), optimizer=optim.bytes()
+    )

@@ -20,6 +20,7 @@ FSDP2 keeps one DTensor per parameter and cuts dim 0 with `torch.chunk`:
 Each rank stores its shard padded to `ceil(rows / world)` rows so the all-gather
 moves equal sizes; the padding is real memory but invisible in `to_local()`.
 """
+
 from __future__ import annotations
 
 import math
@@ -211,8 +212,11 @@ def shard_flat(flat: Sequence[Segment], world_size: int) -> tuple[tuple[Segment,
         for seg in flat:
             a, b = max(lo, offset), min(hi, offset + seg.numel)
             if a < b:
-                out.append(Segment(None, 0, b - a) if seg.name is None
-                           else Segment(seg.name, seg.start + a - offset, seg.start + b - offset))
+                out.append(
+                    Segment(None, 0, b - a)
+                    if seg.name is None
+                    else Segment(seg.name, seg.start + a - offset, seg.start + b - offset)
+                )
             offset += seg.numel
         if hi - max(lo, total) > 0:  # past the end: `_get_shard` pads this rank
             out.append(Segment(None, 0, hi - max(lo, total)))
@@ -220,8 +224,13 @@ def shard_flat(flat: Sequence[Segment], world_size: int) -> tuple[tuple[Segment,
     return tuple(shards)
 
 
-def fsdp1_layout(specs: Sequence[ParamSpec], world_size: int, use_orig_params: bool = False, *,
-                 param_dtype: torch.dtype | None = None) -> Fsdp1Layout:
+def fsdp1_layout(
+    specs: Sequence[ParamSpec],
+    world_size: int,
+    use_orig_params: bool = False,
+    *,
+    param_dtype: torch.dtype | None = None,
+) -> Fsdp1Layout:
     """Model the FlatParameter FSDP1 builds for `specs` (one FSDP unit) on `world_size` ranks.
 
     `param_dtype` is `MixedPrecision(param_dtype=...)`: it sets the alignment that
@@ -242,8 +251,14 @@ def fsdp1_layout(specs: Sequence[ParamSpec], world_size: int, use_orig_params: b
         total += spec.numel
     if aligned_numel and total % world_size:  # divisible by world size: no copy before reduce-scatter
         flat.append(Segment(None, 0, (-total) % world_size))
-    return Fsdp1Layout(params=specs, world_size=world_size, use_orig_params=use_orig_params, flat=tuple(flat),
-                       shards=shard_flat(flat, world_size), problems=fsdp1_problems(specs, use_orig_params))
+    return Fsdp1Layout(
+        params=specs,
+        world_size=world_size,
+        use_orig_params=use_orig_params,
+        flat=tuple(flat),
+        shards=shard_flat(flat, world_size),
+        problems=fsdp1_problems(specs, use_orig_params),
+    )
 
 
 def _group_of(name: str, groups: Sequence[str]) -> str:
@@ -267,7 +282,10 @@ def fsdp2_layout(specs: Sequence[ParamSpec], world_size: int, *, groups: Sequenc
     owner = tuple(_group_of(s.name, groups) for s in specs)
     rows = [s.shape[0] if s.shape else 1 for s in specs]
     return Fsdp2Layout(
-        params=specs, world_size=world_size, groups=owner,
+        params=specs,
+        world_size=world_size,
+        groups=owner,
         row_ranges=tuple(tuple(chunk_range(n, world_size, r) for r in range(world_size)) for n in rows),
         padded_rows=tuple(-(-n // world_size) for n in rows),
-        problems=fsdp2_problems(specs, owner))
+        problems=fsdp2_problems(specs, owner),
+    )

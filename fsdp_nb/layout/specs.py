@@ -5,6 +5,7 @@ one rank's bytes, and `Problem` what torch refuses. The layout model, the rules,
 the live inspection and the figures all speak these types; keeping them here,
 below all of those, is what keeps the layout core free of import cycles.
 """
+
 from __future__ import annotations
 
 import math
@@ -51,8 +52,9 @@ class ParamSpec:
         shape = tuple(self.shape)
         for i, dim in enumerate(shape):
             if not is_int(dim) or dim <= 0:
-                raise ValueError(f"ParamSpec({self.name!r}): shape={shape} has dim {i} = {dim!r}; "
-                                 "every dim must be a positive int")
+                raise ValueError(
+                    f"ParamSpec({self.name!r}): shape={shape} has dim {i} = {dim!r}; every dim must be a positive int"
+                )
         object.__setattr__(self, "shape", shape)
         if not isinstance(self.dtype, torch.dtype):
             raise ValueError(f"ParamSpec({self.name!r}): dtype={self.dtype!r} must be a torch.dtype like torch.float32")
@@ -68,8 +70,10 @@ class ParamSpec:
 
 def specs_of(module: nn.Module) -> tuple[ParamSpec, ...]:
     """The parameters of an unsharded module, in `named_parameters()` order."""
-    return tuple(ParamSpec(name=n, shape=tuple(p.shape), dtype=p.dtype, requires_grad=p.requires_grad)
-                 for n, p in module.named_parameters())
+    return tuple(
+        ParamSpec(name=n, shape=tuple(p.shape), dtype=p.dtype, requires_grad=p.requires_grad)
+        for n, p in module.named_parameters()
+    )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -2,6 +2,7 @@
 
 Kept apart from worker.py's process plumbing so each piece can be tested in-process.
 """
+
 from __future__ import annotations
 
 import ast
@@ -43,7 +44,8 @@ def format_error(e: BaseException) -> P.RemoteError:
     if why:
         text += f"fsdp_nb explains: {why}\n"
     stuck = type(e).__name__ in ("DistBackendError", "DistNetworkError") or (
-        isinstance(e, RuntimeError) and any(m in msg.lower() for m in _TIMEOUT_MARKERS))
+        isinstance(e, RuntimeError) and any(m in msg.lower() for m in _TIMEOUT_MARKERS)
+    )
     return P.RemoteError(type(e).__name__, msg.strip().splitlines()[0] if msg.strip() else "", text, stuck)
 
 
@@ -105,8 +107,7 @@ def mime_bundle(obj) -> tuple[dict, dict]:
     if type(obj).__name__ == "Figure" and hasattr(obj, "savefig"):
         buf = io.BytesIO()
         obj.savefig(buf, format="png", bbox_inches="tight")
-        return {"image/png": base64.b64encode(buf.getvalue()).decode("ascii"),
-                "text/plain": repr(obj)}, {}
+        return {"image/png": base64.b64encode(buf.getvalue()).decode("ascii"), "text/plain": repr(obj)}, {}
     if isinstance(obj, dict) and obj and all(isinstance(k, str) and "/" in k for k in obj):
         return dict(obj), {}  # already a bundle
     from IPython.core.formatters import DisplayFormatter  # imported only when a rank displays

@@ -11,6 +11,7 @@ Event kinds the kernel understands:
 - "metrics":  step (int) plus any float scalars (loss, tokens_per_s, mem_mb...)
 Any other kind is recorded on the cell's result and otherwise ignored.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable

@@ -3,6 +3,7 @@
 Ranks set MPLBACKEND=module://fsdp_nb.rank.mpl_backend, so pyplot needs no change in user code.
 Rendering is Agg's; only show() differs.
 """
+
 from matplotlib.backend_bases import FigureManagerBase
 from matplotlib.backends.backend_agg import FigureCanvasAgg as FigureCanvas  # noqa: F401
 

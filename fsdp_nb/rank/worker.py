@@ -13,6 +13,7 @@ Lifetime rules (docs/architecture.md, "Signals"):
 - Exit is barrier -> destroy_process_group -> os._exit, which keeps gloo from
   aborting at interpreter teardown.
 """
+
 from __future__ import annotations
 
 import builtins
@@ -100,10 +101,16 @@ def _init_process_group(rank: int, world_size: int, opts: dict):
         device = torch.device("cpu")
     # The kernel holds the store's server socket, so the port cannot be taken by
     # another session between choosing it and using it.
-    store = dist.TCPStore(opts["host"], opts["port"], is_master=False,
-                          timeout=datetime.timedelta(seconds=opts["timeout"]))
-    dist.init_process_group(opts["backend"], store=store, rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=opts["timeout"]))
+    store = dist.TCPStore(
+        opts["host"], opts["port"], is_master=False, timeout=datetime.timedelta(seconds=opts["timeout"])
+    )
+    dist.init_process_group(
+        opts["backend"],
+        store=store,
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=opts["timeout"]),
+    )
     return torch, dist, device
 
 
@@ -111,17 +118,30 @@ def _namespace(state: _Rank, torch, dist, device) -> dict:
     main_mod = types.ModuleType("__main__")  # cell-defined classes pickle as __main__.X
     sys.modules["__main__"] = main_mod
     ns = main_mod.__dict__
-    ns.update(__builtins__=builtins, rank=state.rank, world_size=state.world_size,
-              device=device, torch=torch, dist=dist, display=state.display)
+    ns.update(
+        __builtins__=builtins,
+        rank=state.rank,
+        world_size=state.world_size,
+        device=device,
+        torch=torch,
+        dist=dist,
+        display=state.display,
+    )
     return ns
 
 
 def main(rank: int, world_size: int, conn, opts: dict) -> None:
     """Spawn target: run rank `rank` of `world_size` until Shutdown or the kernel goes away."""
     os.setsid()  # like torchrun's workers: interrupts come only via the kernel; each rank its own sched autogroup
-    os.environ.update(OMP_NUM_THREADS=str(opts["threads"]), MPLBACKEND="module://fsdp_nb.rank.mpl_backend",
-                      RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      MASTER_ADDR=opts["host"], MASTER_PORT=str(opts["port"]))
+    os.environ.update(
+        OMP_NUM_THREADS=str(opts["threads"]),
+        MPLBACKEND="module://fsdp_nb.rank.mpl_backend",
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        MASTER_ADDR=opts["host"],
+        MASTER_PORT=str(opts["port"]),
+    )
     threading.Thread(target=_watch_parent, args=(opts["parent_pid"],), daemon=True).start()
     state = _Rank(rank, world_size, conn)
     signal.signal(signal.SIGINT, state.on_sigint)
@@ -180,8 +200,11 @@ def _execute(state: _Rank, msg: P.Execute) -> P.Done:
 # Pickles that load on a rank but not in the kernel: names the kernel cannot resolve.
 _KERNEL_CANNOT_LOAD = (
     (b"__main__", "it is an instance of a class defined in a cell, which the notebook does not have"),
-    (b"torch.distributed", "it holds process-group state (a DTensor, DeviceMesh or sharded module) that only "
-                           "exists on the ranks; send .full_tensor(), .to_local() or a state_dict() instead"),
+    (
+        b"torch.distributed",
+        "it holds process-group state (a DTensor, DeviceMesh or sharded module) that only "
+        "exists on the ranks; send .full_tensor(), .to_local() or a state_dict() instead",
+    ),
 )
 
 

@@ -3,6 +3,7 @@
 Imports are lazy: ranks import `fsdp_nb.session.protocol`, the one module both
 sides share, and must not pull in the kernel machinery with it.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING

@@ -6,6 +6,7 @@ progress bar and a PNG of the metric curves, redrawn at most every REDRAW_S;
 elsewhere (terminal IPython, scripts) a one-line text bar on stderr.
 Curves persist across cells, keyed by (run, rank), so runs can be overlaid.
 """
+
 from __future__ import annotations
 
 import io
@@ -102,8 +103,12 @@ class Dashboard:
             if metric not in curve:
                 continue
             steps = curve.get("step") or list(range(len(curve[metric])))
-            ax.plot(steps[: len(curve[metric])], curve[metric], label=f"{run} rank {rank}",
-                    alpha=1.0 if run == current or not run.startswith("cell ") else 0.5)
+            ax.plot(
+                steps[: len(curve[metric])],
+                curve[metric],
+                label=f"{run} rank {rank}",
+                alpha=1.0 if run == current or not run.startswith("cell ") else 0.5,
+            )
         ax.set_xlabel("step")
         ax.set_ylabel(metric)
         if ax.lines:

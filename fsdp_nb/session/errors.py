@@ -1,4 +1,5 @@
 """SessionError: what the kernel side raises when the session's state does not allow an operation."""
+
 from __future__ import annotations
 
 

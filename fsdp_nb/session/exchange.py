@@ -12,6 +12,7 @@ Deadlines:
   waiting at once.
 Ranks still running after a deadline are "stuck", and the session is broken.
 """
+
 from __future__ import annotations
 
 import os
@@ -77,8 +78,17 @@ class Exchange:
     the event handlers and the two deadlines, so it never reaches into the Session.
     """
 
-    def __init__(self, ranks: list, msgs: dict[int, object], out, *, request_id: int, handlers: list,
-                 stuck_after_s: float, interrupt_grace_s: float):
+    def __init__(
+        self,
+        ranks: list,
+        msgs: dict[int, object],
+        out,
+        *,
+        request_id: int,
+        handlers: list,
+        stuck_after_s: float,
+        interrupt_grace_s: float,
+    ):
         self.ranks, self.msgs, self.out, self.id = ranks, msgs, out, request_id
         self.handlers = handlers  # callables (rank, kind, payload), called for every Event
         self.stuck_after_s = stuck_after_s  # once a rank failed: pg timeout + margin for its peers

@@ -8,6 +8,7 @@ device, torch, dist, display) from torchrun's environment; then come the cells t
 ran without error, in order. Cells run with --ranks become `if rank in (...)` blocks.
 Pushed values are written as literals when their repr reads back to an equal value.
 """
+
 from __future__ import annotations
 
 import ast
@@ -62,14 +63,14 @@ def display(*objs):
 '''
 
 
-FOOTER = '''
+FOOTER = """
 # Free FSDP state while the process group exists (gloo can abort at exit otherwise).
 import gc
 
 gc.collect()
 dist.barrier()
 dist.destroy_process_group()
-'''
+"""
 
 
 def script(steps: list[Step], **session_options) -> tuple[str, list[str]]:
@@ -81,8 +82,10 @@ def script(steps: list[Step], **session_options) -> tuple[str, list[str]]:
             for name, value in step.pushed.items():
                 lit = _literal(value)
                 if lit is None:
-                    warnings.append(f"{name} was pushed but its value is not a Python literal; "
-                                    f"the script sets it to None: rebuild it in a cell")
+                    warnings.append(
+                        f"{name} was pushed but its value is not a Python literal; "
+                        f"the script sets it to None: rebuild it in a cell"
+                    )
                 parts.append(f"{name} = {lit if lit is not None else 'None  # FIXME: not a literal'}")
             continue
         body = step.source.rstrip() or "pass"
@@ -96,6 +99,7 @@ def script(steps: list[Step], **session_options) -> tuple[str, list[str]]:
     try:
         compile(text, "<exported script>", "exec")
     except SyntaxError as e:  # e.g. IPython-only syntax (!ls, %magic) inside a cell
-        warnings.append(f"the script does not compile as plain Python (line {e.lineno}: {e.msg}); "
-                        "edit out IPython-only syntax")
+        warnings.append(
+            f"the script does not compile as plain Python (line {e.lineno}: {e.msg}); edit out IPython-only syntax"
+        )
     return text, warnings

@@ -4,6 +4,7 @@ Each rank reads what torch built on that rank (`fsdp_nb.layout.inspect`), the re
 back as small dataclasses, and the kernel merges them: a layout whose every shard was
 read from torch on its own rank.
 """
+
 from __future__ import annotations
 
 from fsdp_nb.layout import Fsdp1Layout, Fsdp2Layout, fsdp1_layout, fsdp2_layout
@@ -15,19 +16,23 @@ _INSPECT = "__import__('fsdp_nb.layout.inspect', fromlist=['inspect'])"
 
 def _check_name(name: str) -> str:
     if not name or not all(part.isidentifier() for part in name.split(".")):
-        raise SessionError(f"{name!r} is not a variable name; give the name of a sharded module on the ranks, "
-                           "e.g. %fsdp_layout model")
+        raise SessionError(
+            f"{name!r} is not a variable name; give the name of a sharded module on the ranks, e.g. %fsdp_layout model"
+        )
     return name
 
 
 def _eval(session, expr: str, name: str) -> list:
     result = session.run(expr, output=_silent(), record=False)
     if result.errors:
-        missing = [r for r, e in result.errors
-                   if e.type in ("NameError", "AttributeError") and name.split(".")[0] in e.message]
+        missing = [
+            r for r, e in result.errors if e.type in ("NameError", "AttributeError") and name.split(".")[0] in e.message
+        ]
         if missing:
-            raise SessionError(f"{rank_list(missing)} {'has' if len(missing) == 1 else 'have'} no {name!r}; "
-                               "build and shard it in a %%fsdp cell first")
+            raise SessionError(
+                f"{rank_list(missing)} {'has' if len(missing) == 1 else 'have'} no {name!r}; "
+                "build and shard it in a %%fsdp cell first"
+            )
         rank, err = result.errors[0]
         raise SessionError(f"reading {name!r} on rank {rank} failed: {err.headline()}")
     return result.raise_errors().values

@@ -5,6 +5,7 @@ has joined the process group; `stop()` ends them, cleanly when it can. Every liv
 group is killed at interpreter exit, before multiprocessing's own exit hook would
 wait on them forever.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -88,16 +89,24 @@ class RankGroup:
         # The kernel holds the store's server socket, so no other session can take
         # the port between choosing it and using it.
         store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-        opts = dict(host="127.0.0.1", port=store.port, backend=cfg.backend, device=cfg.device,
-                    timeout=cfg.timeout, threads=cfg.threads, parent_pid=os.getpid())
+        opts = dict(
+            host="127.0.0.1",
+            port=store.port,
+            backend=cfg.backend,
+            device=cfg.device,
+            timeout=cfg.timeout,
+            threads=cfg.threads,
+            parent_pid=os.getpid(),
+        )
         ctx = mp.get_context("spawn")
         group = cls([], store, "")
         try:  # an interrupt (or any error) while starting must not leave ranks behind
             with _spawn_environment(cfg.threads):
                 for r in range(cfg.nprocs):
                     parent_end, child_end = ctx.Pipe(duplex=True)
-                    proc = ctx.Process(target=worker_main, args=(r, cfg.nprocs, child_end, opts),
-                                       name=f"fsdp_nb-rank{r}")
+                    proc = ctx.Process(
+                        target=worker_main, args=(r, cfg.nprocs, child_end, opts), name=f"fsdp_nb-rank{r}"
+                    )
                     proc.start()
                     child_end.close()
                     group.ranks.append(RankProc(r, proc, parent_end))

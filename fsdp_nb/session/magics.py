@@ -6,6 +6,7 @@ the view that the user activated. Every bad input becomes a one-line UsageError
 that says what to do; SessionError and config ValueErrors are translated here and
 nowhere else.
 """
+
 from __future__ import annotations
 
 import time
@@ -26,7 +27,9 @@ def _ranks_arg(text: str | None) -> list[int] | None:
     try:
         return [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise UsageError(f"--ranks {text!r} is not valid: give rank numbers separated by commas, e.g. --ranks 0,1") from None
+        raise UsageError(
+            f"--ranks {text!r} is not valid: give rank numbers separated by commas, e.g. --ranks 0,1"
+        ) from None
 
 
 @magics_class
@@ -49,12 +52,20 @@ class FSDPMagics(Magics):
         """Start a persistent session of N ranks: %fsdp_launch -n 2"""
         args = parse_argstring(self.fsdp_launch, line)
         if self.session is not None and self.session.state != State.CLOSED:
-            raise UsageError(f"a session is already running ({self.session.config.summary()}); "
-                             "use %fsdp_restart to start it again, or %fsdp_shutdown first")
+            raise UsageError(
+                f"a session is already running ({self.session.config.summary()}); "
+                "use %fsdp_restart to start it again, or %fsdp_shutdown first"
+            )
         t0 = time.perf_counter()
         try:
-            session = Session(args.nprocs, backend=args.backend, device=args.device,
-                              timeout=args.timeout, threads=args.threads, start=False)
+            session = Session(
+                args.nprocs,
+                backend=args.backend,
+                device=args.device,
+                timeout=args.timeout,
+                threads=args.threads,
+                start=False,
+            )
         except ValueError as e:
             raise UsageError(str(e)) from None
         session.activate()
@@ -97,10 +108,19 @@ class FSDPMagics(Magics):
     # ---- cells and objects ----------------------------------------------------------
     @magic_arguments()
     @argument("--ranks", default=None, help="run on these ranks only, e.g. --ranks 0,2")
-    @argument("--collate", action="store_true", default=None,
-              help="print each rank's output as one block, in rank order, when the cell ends")
-    @argument("-o", "--output", dest="out_name", default=None,
-              help="store each rank's result in this notebook variable, as a list indexed by rank")
+    @argument(
+        "--collate",
+        action="store_true",
+        default=None,
+        help="print each rank's output as one block, in rank order, when the cell ends",
+    )
+    @argument(
+        "-o",
+        "--output",
+        dest="out_name",
+        default=None,
+        help="store each rank's result in this notebook variable, as a list indexed by rank",
+    )
     @cell_magic
     def fsdp(self, line, cell):
         """Run the cell on every rank (or --ranks), streaming output with [rank N] prefixes."""
@@ -144,8 +164,14 @@ class FSDPMagics(Magics):
 
     @magic_arguments()
     @argument("name", help="a sharded module on the ranks (FSDP1 or FSDP2)")
-    @argument("--memory", dest="optimizer", nargs="?", const="", default=None,
-              help="also show real per-rank bytes; name an optimizer to include its state")
+    @argument(
+        "--memory",
+        dest="optimizer",
+        nargs="?",
+        const="",
+        default=None,
+        help="also show real per-rank bytes; name an optimizer to include its state",
+    )
     @argument("--no-figure", dest="figure", action="store_false", help="print the tables only")
     @line_magic
     def fsdp_layout(self, line):
@@ -163,8 +189,11 @@ class FSDPMagics(Magics):
         print(viz.format_layout(fsdp2 if fsdp1.observed_ranks else fsdp1))
         if args.figure:
             fig = viz.plot_comparison(fsdp1, fsdp2)
-            which = "FSDP1 (read from the ranks) | FSDP2 (modelled)" if fsdp1.observed_ranks else \
-                "FSDP1 (modelled) | FSDP2 (read from the ranks)"
+            which = (
+                "FSDP1 (read from the ranks) | FSDP2 (modelled)"
+                if fsdp1.observed_ranks
+                else "FSDP1 (modelled) | FSDP2 (read from the ranks)"
+            )
             fig.suptitle(f"{args.name} on {fsdp1.world_size} ranks: {which}", fontsize=10)
             show_figure(fig)
         if args.optimizer is not None:
@@ -187,8 +216,10 @@ class FSDPMagics(Magics):
         except OSError as e:
             raise UsageError(f"cannot write {names[0]}: {e.strerror}") from None
         cells = sum(step.source is not None for step in s.history)
-        print(f"fsdp_nb: wrote {names[0]} ({cells} cells); run it with: "
-              f"torchrun --standalone --nproc-per-node {s.config.nprocs} {names[0]}")
+        print(
+            f"fsdp_nb: wrote {names[0]} ({cells} cells); run it with: "
+            f"torchrun --standalone --nproc-per-node {s.config.nprocs} {names[0]}"
+        )
         for w in warnings:
             print(f"warning: {w}")
 
@@ -207,8 +238,10 @@ class FSDPMagics(Magics):
 
     def _summary(self, what: str, seconds: float) -> None:
         s = self.session
-        print(f"fsdp_nb: {s.config.nprocs} ranks {what} (backend {s.config.backend}, device {s.config.device}, "
-              f"torch {s.torch_version}) in {seconds:.1f} s")
+        print(
+            f"fsdp_nb: {s.config.nprocs} ranks {what} (backend {s.config.backend}, device {s.config.device}, "
+            f"torch {s.torch_version}) in {seconds:.1f} s"
+        )
 
 
 def load(ipython) -> None:

@@ -1,4 +1,5 @@
 """SessionConfig: what `%fsdp_launch` / `Session(...)` accept, validated before anything starts."""
+
 from __future__ import annotations
 
 import os
@@ -59,8 +60,10 @@ class SessionConfig:
             if n > gpus:
                 raise ValueError(f"-n {n} needs {n} GPUs (one per rank) but {gpus} are visible: use -n {gpus} or fewer")
         elif n > max_ranks():
-            raise ValueError(f"-n {n} is more ranks than this machine can run sensibly "
-                             f"(at most {max_ranks()}: 4 per CPU core); use a smaller -n")
+            raise ValueError(
+                f"-n {n} is more ranks than this machine can run sensibly "
+                f"(at most {max_ranks()}: 4 per CPU core); use a smaller -n"
+            )
 
     def summary(self) -> str:
         return f"{self.nprocs} ranks, backend {self.backend}, device {self.device}"

@@ -7,6 +7,7 @@ Two modes:
 
 Prefixes go on every line, in both modes, so output reads the same either way.
 """
+
 from __future__ import annotations
 
 import os

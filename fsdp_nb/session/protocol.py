@@ -8,6 +8,7 @@ Everything here is a plain slotted dataclass so that pickling a message costs a 
 microseconds: a trivial cell is two small messages per rank, and the round trip
 budget is one millisecond.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -4,6 +4,7 @@ RankError renders like a local traceback in IPython (`_render_traceback_`): each
 distinct remote error once, labelled with the ranks that raised it, the first
 failing rank first; then ranks that died or were stuck, and what to do next.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -65,8 +66,11 @@ class CellResult:
             return f"<rank {r}'s value could not be loaded here: {why}>", why
 
     def notes(self) -> list[str]:
-        return [f"[rank {r}] note: result shown as its repr: {self.dones[r].note}"
-                for r in sorted(self.dones) if self.dones[r].note]
+        return [
+            f"[rank {r}] note: result shown as its repr: {self.dones[r].note}"
+            for r in sorted(self.dones)
+            if self.dones[r].note
+        ]
 
     def raise_errors(self) -> CellResult:
         if not self.ok:

@@ -14,6 +14,7 @@ process sentinel together, so a dead rank is reported at once, a failed rank's p
 get the process-group timeout (plus a margin) to come out of their collective, and a
 kernel interrupt is relayed to the ranks as KeyboardInterrupt.
 """
+
 from __future__ import annotations
 
 import enum
@@ -56,10 +57,17 @@ class Session:
     INTERRUPT_GRACE_S = INTERRUPT_GRACE_S
     STUCK_MARGIN_S = STUCK_MARGIN_S
 
-    def __init__(self, nprocs: int = 2, *, device: str = "cpu", backend: str | None = None,
-                 timeout: float = 60.0, threads: int = 1, start: bool = True):
-        self.config = SessionConfig(nprocs=nprocs, device=device, backend=backend,
-                                    timeout=timeout, threads=threads)
+    def __init__(
+        self,
+        nprocs: int = 2,
+        *,
+        device: str = "cpu",
+        backend: str | None = None,
+        timeout: float = 60.0,
+        threads: int = 1,
+        start: bool = True,
+    ):
+        self.config = SessionConfig(nprocs=nprocs, device=device, backend=backend, timeout=timeout, threads=threads)
         self.state = State.CLOSED
         self.broken_reason: str | None = None
         self.torch_version = ""
@@ -156,13 +164,29 @@ class Session:
             src, t0 = self.running
             lines = src.strip().splitlines() or [""]
             running = f"{lines[0]}{' ...' if len(lines) > 1 else ''} ({time.monotonic() - t0:.1f} s)"
-        return [dict(rank=rk.rank, pid=rk.pid, alive=rk.proc.exitcode is None,
-                     process=exit_description(rk.proc.exitcode), state=self.state.value, running=running)
-                for rk in self._ranks]
+        return [
+            dict(
+                rank=rk.rank,
+                pid=rk.pid,
+                alive=rk.proc.exitcode is None,
+                process=exit_description(rk.proc.exitcode),
+                state=self.state.value,
+                running=running,
+            )
+            for rk in self._ranks
+        ]
 
     # ---- requests -----------------------------------------------------------------
-    def run(self, source: str, *, ranks: list[int] | None = None, collate: bool | None = None,
-            output=None, want_result: bool = True, record: bool = True) -> CellResult:
+    def run(
+        self,
+        source: str,
+        *,
+        ranks: list[int] | None = None,
+        collate: bool | None = None,
+        output=None,
+        want_result: bool = True,
+        record: bool = True,
+    ) -> CellResult:
         """Run `source` on every rank (or on `ranks`) and return the CellResult.
 
         Output streams as it arrives (or collated at the end). Errors do not raise
@@ -194,25 +218,30 @@ class Session:
             payload = pickle.dumps(values, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as e:
             bad = [k for k, v in values.items() if not _picklable(v)]
-            raise SessionError(f"cannot send {', '.join(bad) or 'the values'} to the ranks: "
-                               f"{type(e).__name__}: {e}; send data (tensors, numbers, state dicts) "
-                               f"and rebuild objects on the ranks") from None
+            raise SessionError(
+                f"cannot send {', '.join(bad) or 'the values'} to the ranks: "
+                f"{type(e).__name__}: {e}; send data (tensors, numbers, state dicts) "
+                f"and rebuild objects on the ranks"
+            ) from None
         self._request({r: P.Push(0, payload) for r in self._targets(None)}, Silent(), None).raise_errors()
         self.history.append(Step(pushed=values))
 
     def export(self) -> tuple[str, list[str]]:
         """This session's successful cells and pushes as a torchrun script, plus warnings."""
         c = self.config
-        return script(self.history, nprocs=c.nprocs, device=c.device, backend=c.backend,
-                      timeout=c.timeout, threads=c.threads)
+        return script(
+            self.history, nprocs=c.nprocs, device=c.device, backend=c.backend, timeout=c.timeout, threads=c.threads
+        )
 
     def pull(self, name: str, *, ranks: list[int] | None = None) -> list:
         """The value bound to `name` on each rank, as a list indexed by rank."""
         result = self._request({r: P.Pull(0, name) for r in self._targets(ranks)}, Silent(), None)
         missing = [r for r, e in result.errors if e.type == "NameError"]
         if missing:
-            raise SessionError(f"{rank_list(missing)} {'has' if len(missing) == 1 else 'have'} no variable "
-                               f"{name!r}; define it in a %%fsdp cell first")
+            raise SessionError(
+                f"{rank_list(missing)} {'has' if len(missing) == 1 else 'have'} no variable "
+                f"{name!r}; define it in a %%fsdp cell first"
+            )
         unpicklable = sorted(r for r in result.dones if result.dones[r].note)
         if unpicklable:
             r = unpicklable[0]
@@ -255,8 +284,13 @@ class Session:
             self.state = State.BUSY
             self.running = (source, time.monotonic()) if source is not None else None
             result = Exchange(
-                self._ranks, msgs, out, request_id=next(self._ids), handlers=self.event_handlers,
-                stuck_after_s=self.config.timeout + self.STUCK_MARGIN_S, interrupt_grace_s=self.INTERRUPT_GRACE_S,
+                self._ranks,
+                msgs,
+                out,
+                request_id=next(self._ids),
+                handlers=self.event_handlers,
+                stuck_after_s=self.config.timeout + self.STUCK_MARGIN_S,
+                interrupt_grace_s=self.INTERRUPT_GRACE_S,
             ).run()
             if result.broken:
                 self._mark_broken(result.broken)

@@ -4,6 +4,7 @@ Figures are pure functions of data (a layout or memory reports in, a Figure out)
 `explore()` only wires ipywidgets controls to them. Names are imported on first use,
 so loading the notebook extension does not import matplotlib's figure code or torch.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -14,14 +15,31 @@ from fsdp_nb.viz.show import register_figure_formatter
 register_figure_formatter()  # figures returned by these functions render in notebooks
 
 _LAZY = {
-    **dict.fromkeys(["draw_fsdp1", "draw_fsdp2", "plot_comparison", "plot_fsdp1", "plot_fsdp2"],
-                    "fsdp_nb.viz.layout_figs"),
+    **dict.fromkeys(
+        ["draw_fsdp1", "draw_fsdp2", "plot_comparison", "plot_fsdp1", "plot_fsdp2"], "fsdp_nb.viz.layout_figs"
+    ),
     "plot_memory": "fsdp_nb.viz.memory_figs",
-    **dict.fromkeys(["format_fsdp1", "format_fsdp2", "format_layout", "format_memory", "format_problems",
-                     "format_shapes"], "fsdp_nb.viz.tables"),
+    **dict.fromkeys(
+        ["format_fsdp1", "format_fsdp2", "format_layout", "format_memory", "format_problems", "format_shapes"],
+        "fsdp_nb.viz.tables",
+    ),
     "explore": "fsdp_nb.viz.explorer",
 }
-__all__ = ["draw_fsdp1", "draw_fsdp2", "explore", "format_fsdp1", "format_fsdp2", "format_layout", "format_memory", "format_problems", "format_shapes", "plot_comparison", "plot_fsdp1", "plot_fsdp2", "plot_memory"]
+__all__ = [
+    "draw_fsdp1",
+    "draw_fsdp2",
+    "explore",
+    "format_fsdp1",
+    "format_fsdp2",
+    "format_layout",
+    "format_memory",
+    "format_problems",
+    "format_shapes",
+    "plot_comparison",
+    "plot_fsdp1",
+    "plot_fsdp2",
+    "plot_memory",
+]
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
 
 if TYPE_CHECKING:

@@ -4,6 +4,7 @@
 text). `Explorer` only wires ipywidgets controls to it; tests drive
 `Explorer.update()` after setting widget values and read `.figure` and `.text`.
 """
+
 from __future__ import annotations
 
 import html
@@ -79,8 +80,10 @@ def _verdict(layout, version: int, s: ExplorerSettings) -> str:
         if s.freeze_l1:
             lines.append("  l1's DTensors keep requires_grad=False: no gradient, no optimizer state for them.")
         if s.l2_bf16:
-            lines.append("  l2 is bf16 in its own fully_shard group, so its all-gather runs in bf16 apart from "
-                         "the fp32 layers (the forward still needs matching dtypes, e.g. torch.autocast).")
+            lines.append(
+                "  l2 is bf16 in its own fully_shard group, so its all-gather runs in bf16 apart from "
+                "the fp32 layers (the forward still needs matching dtypes, e.g. torch.autocast)."
+            )
     lines += [f"  warning: {p.message}" for p in layout.problems if p.severity == "warning"]
     return "\n".join(lines)
 
@@ -113,7 +116,7 @@ def svg_markup(fig: Figure) -> str:
     with rc_context({"svg.fonttype": "none"}):
         fig.savefig(buf, format="svg")
     text = buf.getvalue()
-    return text[text.index("<svg"):]  # drop the XML prolog to embed it in HTML
+    return text[text.index("<svg") :]  # drop the XML prolog to embed it in HTML
 
 
 class Explorer:
@@ -128,8 +131,11 @@ class Explorer:
             "d_in": w.IntSlider(value=s.d_in, min=1, max=MAX_DIM, description="l1 in"),
             "d_hidden": w.IntSlider(value=s.d_hidden, min=1, max=MAX_DIM, description="hidden"),
             "d_out": w.IntSlider(value=s.d_out, min=1, max=MAX_DIM, description="l3 out"),
-            "version": w.ToggleButtons(options=[("FSDP1", "1"), ("FSDP2", "2"), ("side by side", "both")],
-                                       value=s.version, description="version"),
+            "version": w.ToggleButtons(
+                options=[("FSDP1", "1"), ("FSDP2", "2"), ("side by side", "both")],
+                value=s.version,
+                description="version",
+            ),
             "use_orig_params": w.Checkbox(value=s.use_orig_params, description="use_orig_params (FSDP1)"),
             "freeze_l1": w.Checkbox(value=s.freeze_l1, description="freeze l1"),
             "l2_bf16": w.Checkbox(value=s.l2_bf16, description="l2 in bf16"),

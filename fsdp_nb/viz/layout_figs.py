@@ -5,6 +5,7 @@ Every drawn patch carries a gid so tests can read the picture back:
 "flat/<name>" on FSDP1's unsharded bar, "rank<r>/<name>" for a rank's data,
 "rank<r>/padding" (FSDP1) or "rank<r>/padding:<name>" (FSDP2) for hatched padding.
 """
+
 from __future__ import annotations
 
 import matplotlib
@@ -27,8 +28,17 @@ def param_colors(names) -> dict[str, tuple]:
 
 
 def _rect(ax: Axes, x, y, w, h, color, gid, *, padding=False, alpha=1.0) -> Rectangle:
-    patch = Rectangle((x, y), w, h, facecolor=PAD_FACE if padding else color, edgecolor="#555555",
-                      hatch=PAD_HATCH if padding else None, linewidth=0.6, gid=gid, alpha=alpha)
+    patch = Rectangle(
+        (x, y),
+        w,
+        h,
+        facecolor=PAD_FACE if padding else color,
+        edgecolor="#555555",
+        hatch=PAD_HATCH if padding else None,
+        linewidth=0.6,
+        gid=gid,
+        alpha=alpha,
+    )
     ax.add_patch(patch)
     return patch
 
@@ -36,8 +46,17 @@ def _rect(ax: Axes, x, y, w, h, color, gid, *, padding=False, alpha=1.0) -> Rect
 def _label(ax: Axes, x, y, text, width, span, gid):
     """Write inside a box; narrow boxes get small, rotated text."""
     narrow = width < 0.12 * span
-    ax.text(x, y, text, ha="center", va="center", fontsize=6 if narrow else 7,
-            rotation=90 if narrow else 0, gid=gid, clip_on=True)
+    ax.text(
+        x,
+        y,
+        text,
+        ha="center",
+        va="center",
+        fontsize=6 if narrow else 7,
+        rotation=90 if narrow else 0,
+        gid=gid,
+        clip_on=True,
+    )
 
 
 def _legend(ax: Axes, colors: dict) -> None:
@@ -50,21 +69,46 @@ def _rejected(ax: Axes, layout) -> float:
     """Banner for configurations torch refuses; returns the alpha to draw the layout with."""
     if layout.raises is None:
         return 1.0
-    ax.text(0.5, 0.5, f"torch raises {layout.errors[0].when}:\n{layout.raises}", transform=ax.transAxes,
-            ha="center", va="center", fontsize=8, color="#b00020", wrap=True, gid="rejected",
-            bbox=dict(facecolor="white", edgecolor="#b00020"), zorder=10)
+    ax.text(
+        0.5,
+        0.5,
+        f"torch raises {layout.errors[0].when}:\n{layout.raises}",
+        transform=ax.transAxes,
+        ha="center",
+        va="center",
+        fontsize=8,
+        color="#b00020",
+        wrap=True,
+        gid="rejected",
+        bbox=dict(facecolor="white", edgecolor="#b00020"),
+        zorder=10,
+    )
     return 0.25
 
 
 def _row_label(ax: Axes, y: float, text: str) -> None:
     """A label left of the axes at data height y (cheaper than tick machinery)."""
-    ax.text(-0.01, y, text, transform=blended_transform_factory(ax.transAxes, ax.transData),
-            ha="right", va="center", fontsize=8)
+    ax.text(
+        -0.01,
+        y,
+        text,
+        transform=blended_transform_factory(ax.transAxes, ax.transData),
+        ha="right",
+        va="center",
+        fontsize=8,
+    )
 
 
 def _col_label(ax: Axes, x: float, text: str) -> None:
-    ax.text(x, 1.01, text, transform=blended_transform_factory(ax.transData, ax.transAxes),
-            ha="center", va="bottom", fontsize=8)
+    ax.text(
+        x,
+        1.01,
+        text,
+        transform=blended_transform_factory(ax.transData, ax.transAxes),
+        ha="center",
+        va="bottom",
+        fontsize=8,
+    )
 
 
 def draw_fsdp1(ax: Axes, layout: Fsdp1Layout, *, compact: bool = False) -> None:
@@ -83,8 +127,17 @@ def draw_fsdp1(ax: Axes, layout: Fsdp1Layout, *, compact: bool = False) -> None:
     if span > flat_total:
         flat.append(type(flat[0])(None, 0, span - flat_total))
     for seg in flat:
-        _rect(ax, x, world + 0.6, seg.numel, 0.8, colors.get(seg.name), f"flat/{seg.name or 'padding'}",
-              padding=seg.name is None, alpha=alpha)
+        _rect(
+            ax,
+            x,
+            world + 0.6,
+            seg.numel,
+            0.8,
+            colors.get(seg.name),
+            f"flat/{seg.name or 'padding'}",
+            padding=seg.name is None,
+            alpha=alpha,
+        )
         x += seg.numel
     for r in range(1, world):  # where torch.chunk cuts the FlatParameter
         ax.plot([r * chunk, r * chunk], [world + 0.5, world + 1.5], color="#b00020", linestyle="--", linewidth=1)
@@ -103,8 +156,11 @@ def draw_fsdp1(ax: Axes, layout: Fsdp1Layout, *, compact: bool = False) -> None:
             x += seg.numel
     ax.set_xlim(0, span)
     ax.set_ylim(0, world + 1.5)
-    ax.set_title(f"FSDP1: {layout.total_numel} elements + {layout.padding_numel} padding = {layout.padded_numel}, "
-                 f"{chunk} per rank", fontsize=9)
+    ax.set_title(
+        f"FSDP1: {layout.total_numel} elements + {layout.padding_numel} padding = {layout.padded_numel}, "
+        f"{chunk} per rank",
+        fontsize=9,
+    )
     if compact:
         ax.set_axis_off()
     else:

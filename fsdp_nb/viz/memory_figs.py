@@ -5,6 +5,7 @@ per rank, e.g. FSDP1 next to FSDP2) or `MemoryReport`s read from the ranks
 (parameters, gradients and optimizer state stacked). Patch gids:
 "rank<r>/<series>/real" and "rank<r>/<series>/padding".
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -27,9 +28,17 @@ def _stack(ax, x, width, parts: Sequence[tuple[str, RankBytes, str]], rank: int)
             if value <= 0:
                 continue
             pad = kind == "padding"
-            ax.bar(x, value, width, bottom=bottom, color=PAD_FACE if pad else color,
-                   edgecolor=color if pad else "#555555", hatch=PAD_HATCH if pad else None, linewidth=0.6,
-                   gid=f"rank{rank}/{series}/{kind}")
+            ax.bar(
+                x,
+                value,
+                width,
+                bottom=bottom,
+                color=PAD_FACE if pad else color,
+                edgecolor=color if pad else "#555555",
+                hatch=PAD_HATCH if pad else None,
+                linewidth=0.6,
+                gid=f"rank{rank}/{series}/{kind}",
+            )
             bottom += value
     return bottom
 
@@ -53,8 +62,11 @@ def plot_memory(source) -> Figure:
     `source` is a layout, a list or dict of layouts (same world size; bars side by
     side per rank), or a list of `MemoryReport` (one per rank, from `memory_of`).
     """
-    items = list(source.values()) if isinstance(source, Mapping) else (
-        [source] if isinstance(source, (Fsdp1Layout, Fsdp2Layout)) else list(source))
+    items = (
+        list(source.values())
+        if isinstance(source, Mapping)
+        else ([source] if isinstance(source, (Fsdp1Layout, Fsdp2Layout)) else list(source))
+    )
     if not items:
         raise ValueError("plot_memory: nothing to plot")
     fig = Figure(figsize=(7, 3.5), layout="constrained")
@@ -84,8 +96,9 @@ def plot_memory(source) -> Figure:
         legend = [Patch(facecolor=SERIES_COLORS[k % len(SERIES_COLORS)], label=n) for k, n in enumerate(series)]
         ax.set_title("Parameter bytes per rank", fontsize=9)
     else:
-        raise TypeError("plot_memory: expected layouts or MemoryReports, not a mix of "
-                        f"{sorted({type(m).__name__ for m in items})}")
+        raise TypeError(
+            f"plot_memory: expected layouts or MemoryReports, not a mix of {sorted({type(m).__name__ for m in items})}"
+        )
     legend.append(Patch(facecolor=PAD_FACE, hatch=PAD_HATCH, edgecolor="#555555", label="padding"))
     ax.legend(handles=legend, fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_xticks(ranks)

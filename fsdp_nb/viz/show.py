@@ -3,6 +3,7 @@
 fsdp_nb's figures are plain matplotlib `Figure` objects, with no pyplot state, so
 nothing is left open and a figure made on a rank or in the kernel looks the same.
 """
+
 from __future__ import annotations
 
 

@@ -5,6 +5,7 @@
     rank 1: l2.weight[17:36] l2.bias[0:6] l3.weight[0:18] l3.bias[0:3] pad[1]
 Element ranges are of the flattened parameter (FSDP1) or rows of dim 0 (FSDP2).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -26,9 +27,11 @@ def format_problems(problems: Sequence[Problem]) -> str:
 
 def format_fsdp1(layout: Fsdp1Layout) -> str:
     """FSDP1: the FlatParameter's size and padding, then each rank's chunk in order."""
-    head = (f"FSDP1 FlatParameter (use_orig_params={layout.use_orig_params}, world size {layout.world_size}): "
-            f"{layout.total_numel} elements + {layout.padding_numel} padding = {layout.padded_numel}, "
-            f"{layout.chunk_numel} per rank")
+    head = (
+        f"FSDP1 FlatParameter (use_orig_params={layout.use_orig_params}, world size {layout.world_size}): "
+        f"{layout.total_numel} elements + {layout.padding_numel} padding = {layout.padded_numel}, "
+        f"{layout.chunk_numel} per rank"
+    )
     lines = [head]
     for r in range(layout.world_size):
         parts = [f"pad[{s.numel}]" if s.name is None else f"{s.name}[{s.start}:{s.stop}]" for s in layout.segments(r)]
@@ -75,6 +78,7 @@ def format_shapes(layout: Fsdp2Layout) -> str:
 
 def format_memory(reports: Sequence) -> str:
     """Per-rank bytes of `fsdp_nb.inspect.MemoryReport`s: parameters, gradients, optimizer state."""
+
     def cell(b):
         return f"{b.real}+{b.padding}"
 
