@@ -137,6 +137,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("ignored_modules", "fsdp_ignored_modules", "FSDP_IGNORED_MODULES"),
 )
 MIXED_PRECISION_KEY, MIXED_PRECISION_ENV = "mixed_precision", "ACCELERATE_MIXED_PRECISION"
+# Older spellings of YAML keys that configs in the wild still carry: legacy key -> current key.
+LEGACY_YAML_KEYS = {"fsdp_backward_prefetch_policy": "fsdp_backward_prefetch"}
 # Accelerate options fsdp_nb does not implement: accepted only when off.
 UNSUPPORTED = {"fsdp_activation_checkpointing_offload": "FSDP_ACTIVATION_CHECKPOINTING_OFFLOAD"}
 
@@ -176,6 +178,7 @@ def fields_from_yaml(config: Mapping[str, Any]) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"fsdp_version": 1}
     for raw_key, value in block.items():
         key = raw_key if str(raw_key).startswith("fsdp") else f"fsdp_{raw_key}"
+        key = LEGACY_YAML_KEYS.get(key, key)
         if key in UNSUPPORTED:
             if parse_bool(key, value) if isinstance(value, str) else bool(value):
                 raise ValueError(f"{key}={value!r} is not supported by fsdp_nb; accepted: false")

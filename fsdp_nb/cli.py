@@ -17,9 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-from fsdp_nb.convert import convert_to_fsdp2
+from fsdp_nb.convert import convert_to_fsdp2, dump_yaml, load_yaml
 from fsdp_nb.runfile import add_train_arguments, cli_train
 
 PROG = "fsdp-nb"
@@ -68,16 +66,22 @@ def to_fsdp2_command(args: argparse.Namespace) -> int:
     target = Path(args.output_file) if args.output_file is not None else source
     if target.exists() and not args.overwrite:
         raise CLIError(f"output file {target} already exists; pass --overwrite to replace it")
+    from ruamel.yaml import YAMLError
+
     try:
-        config = yaml.safe_load(source.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
+        config = load_yaml(source.read_text(encoding="utf-8"))  # round trip: comments and order survive
+    except YAMLError as err:
         raise CLIError(f"{source}: not valid YAML ({' '.join(str(err).split())})") from None
     if not config:
         raise CLIError(f"{source}: the file is empty")
     if not isinstance(config, dict):
-        raise CLIError(f"{source}: expected a mapping of Accelerate options, got {type(config).__name__}")
+        kind = "list" if isinstance(config, list) else type(config).__name__
+        raise CLIError(f"{source}: expected a mapping of Accelerate options, got {kind}")
     new, notes = convert_to_fsdp2(config)
-    target.write_text(yaml.safe_dump(new, sort_keys=False), encoding="utf-8")
+    text = dump_yaml(new)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(target)  # never a half-written config, even with --overwrite of the input
     print(f"{source} -> {target}")
     for note in notes:
         print(f"  - {note}")

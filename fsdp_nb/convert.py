@@ -1,25 +1,56 @@
-"""`fsdp-nb to-fsdp2`: the FSDP1 -> FSDP2 rules of `accelerate to-fsdp2`, applied to a YAML dict.
+"""`fsdp-nb to-fsdp2`: the FSDP1 -> FSDP2 rules of `accelerate to-fsdp2`, applied to a YAML document.
 
 The rules themselves (which keys FSDP2 removed, how a sharding strategy becomes
 `reshard_after_forward`) are rows of the table in `fsdp_nb.accelerate`; this module
 applies them to a config file's contents and says what it changed, and why.
-Pure: dicts in, dicts out. Reading and writing files happens in `cli.py`.
+
+It keeps `accelerate to-fsdp2`'s mapping, and fixes what that command loses:
+- comments and key order: a document read with ruamel.yaml's round-trip loader
+  (`load_yaml`) keeps every comment, and keys are renamed where they stand;
+- numeric strategies (`fsdp_sharding_strategy: 2`, torch's enum values 1-5)
+  become the bool FSDP2 reads, instead of being copied into a boolean field;
+- hybrid strategies (HYBRID_SHARD, HYBRID_SHARD_ZERO2, 4, 5) are converted with a
+  note that FSDP2 expresses hybrid sharding through a 2-D mesh;
+- the legacy `fsdp_backward_prefetch_policy` key is dropped like
+  `fsdp_backward_prefetch`, instead of being carried into the FSDP2 config.
+Pure apart from `load_yaml` / `dump_yaml`: a document in, a new document out.
 """
 
 from __future__ import annotations
 
 import copy
+import io
 from collections.abc import Mapping
 from typing import Any
 
 from fsdp_nb.accelerate import (
+    LEGACY_YAML_KEYS,
     REMOVED_IN_FSDP2,
     RENAMED_IN_FSDP2,
+    SHARDING_STRATEGIES,
     STRATEGY_NOTES,
     STRATEGY_TO_RESHARD,
-    accelerate_dict,  # noqa: F401 (public here since the first release)
+    accelerate_dict,
 )
 from fsdp_nb.config import FSDPConfig
+
+# accelerate_dict has been public here since the first release; its home is fsdp_nb.accelerate.
+__all__ = [
+    "accelerate_dict",
+    "config_from_accelerate",
+    "config_from_env",
+    "convert_to_fsdp2",
+    "dump_yaml",
+    "load_yaml",
+    "reshard_value",
+]
+
+# Every key the conversion drops, with what it says: FSDP2's removed keys and their legacy spellings.
+_DROPPED = REMOVED_IN_FSDP2 | {
+    old: f"legacy spelling of {new}; {REMOVED_IN_FSDP2[new]}"
+    for old, new in LEGACY_YAML_KEYS.items()
+    if new in REMOVED_IN_FSDP2
+}
 
 
 def config_from_accelerate(config: Mapping[str, Any]) -> FSDPConfig:
@@ -32,13 +63,67 @@ def config_from_env(environ: Mapping[str, str]) -> FSDPConfig:
     return FSDPConfig.from_env(environ)
 
 
-def convert_to_fsdp2(config: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """Apply `accelerate to-fsdp2`'s rules to a YAML dict; returns (new dict, change notes).
+def load_yaml(text: str):
+    """Parse YAML text for conversion, keeping comments and key order (ruamel.yaml round trip)."""
+    from ruamel.yaml import YAML
 
-    The input is not modified. Keys the rules do not know are carried over unchanged;
-    a config with no fsdp_config, or already at fsdp_version 2, comes back as it was.
+    yaml = YAML(typ="rt")
+    yaml.preserve_quotes = True  # 'no' stays quoted: Accelerate reads YAML 1.1, where a bare no is False
+    return yaml.load(text)
+
+
+def dump_yaml(document) -> str:
+    """YAML text of a document from `load_yaml` (comments kept) or of a plain dict."""
+    from ruamel.yaml import YAML
+
+    yaml = YAML(typ="rt")
+    yaml.indent(mapping=2, sequence=4, offset=2)
+    yaml.representer.add_representer(str, _represent_str)
+    out = io.StringIO()
+    yaml.dump(document, out)
+    return out.getvalue()
+
+
+# Plain strings that a YAML 1.1 reader (PyYAML, which Accelerate uses) would not read back as strings.
+_YAML11_WORDS = {"y", "yes", "n", "no", "on", "off", "true", "false", "null", "~", ""}
+
+
+def _represent_str(representer, value: str):
+    plain = value.lower() not in _YAML11_WORDS and not value.replace(".", "", 1).lstrip("-+").isdigit()
+    return representer.represent_scalar("tag:yaml.org,2002:str", value, style=None if plain else "'")
+
+
+def reshard_value(key: str, value: Any) -> tuple[Any, str | None]:
+    """FSDP2's `fsdp_reshard_after_forward` for an FSDP1 strategy value, and a note on what changed.
+
+    Names and torch's enum values (1-5, as ints or digit strings) both map through
+    the table; bools are already FSDP2 values; anything else is copied with a note.
     """
-    new = copy.deepcopy(dict(config))
+    if isinstance(value, bool):
+        return value, None
+    name = value.strip().upper() if isinstance(value, str) else None
+    number = int(value) if isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit()) else None
+    if number is not None:
+        if not 1 <= number <= len(SHARDING_STRATEGIES):
+            return value, f"{key}: {value!r} is not a sharding strategy (1-5) or a bool; copied unchanged"
+        name = SHARDING_STRATEGIES[number - 1]
+    if name not in STRATEGY_TO_RESHARD:
+        return value, f"{key}: {value!r} is not a sharding strategy or a bool; copied unchanged"
+    new = STRATEGY_TO_RESHARD[name]
+    shown = f"{value} ({name})" if number is not None else str(value)
+    lost = STRATEGY_NOTES.get(name, "").strip()
+    target = RENAMED_IN_FSDP2[key]
+    return new, f"{key}: {shown} -> {target}: {str(new).lower()}" + (f" ({lost})" if lost else "")
+
+
+def convert_to_fsdp2(config: Mapping[str, Any]) -> tuple[Any, list[str]]:
+    """Apply `accelerate to-fsdp2`'s rules to a YAML document; returns (new document, change notes).
+
+    The input is not modified. Keys the rules do not know are carried over unchanged,
+    in place; a config with no fsdp_config, or already at fsdp_version 2, comes back
+    as it was. A ruamel round-trip document keeps its comments.
+    """
+    new = copy.deepcopy(config)
     block = new.get("fsdp_config") or {}
     if not block:
         return new, ["no fsdp_config section: nothing to convert"]
@@ -47,40 +132,127 @@ def convert_to_fsdp2(config: Mapping[str, Any]) -> tuple[dict[str, Any], list[st
             "fsdp_version is already 2: nothing converted (if the file still uses FSDP1 keys, "
             "set fsdp_version: 1 and run the conversion again)"
         ]
-    converted: dict[str, Any] = {}
     notes: list[str] = []
-    for key, value in block.items():
-        if key in REMOVED_IN_FSDP2:
-            notes.append(f"{key}: dropped, {REMOVED_IN_FSDP2[key]}")
+    converted: set[str] = set()  # target keys written so far, in the order they were met
+    for key in list(block):
+        if key not in block or key in converted:
+            continue  # an earlier key took its place, or this key was converted with it (see below)
+        value = block[key]
+        if key in _DROPPED:
+            notes.append(f"{key}: dropped, {_DROPPED[key]}")
             if key == "fsdp_forward_prefetch" and value is True:
                 notes.append(
                     "fsdp_forward_prefetch: fsdp_nb does implement it for FSDP2; "
                     "add `fsdp_forward_prefetch: true` back to use it with fsdp_nb"
                 )
+            _drop(block, key)
             continue
         if key not in RENAMED_IN_FSDP2:
-            converted[key] = value
             if key == "fsdp_state_dict_type" and str(value).upper() == "LOCAL_STATE_DICT":
                 notes.append(
                     "fsdp_state_dict_type: LOCAL_STATE_DICT copied unchanged, but FSDP2 has no "
                     "equivalent; change it to SHARDED_STATE_DICT"
                 )
             continue
-        new_key, new_value = RENAMED_IN_FSDP2[key], value
-        name = value.strip().upper() if isinstance(value, str) else None
-        if name in STRATEGY_TO_RESHARD:
-            new_value = STRATEGY_TO_RESHARD[name]
-            lost = STRATEGY_NOTES.get(name, "").strip()
-            notes.append(f"{key}: {value} -> {new_key}: {str(new_value).lower()}" + (f" ({lost})" if lost else ""))
-        elif not isinstance(value, bool):
-            notes.append(f"{key}: {value!r} is not a sharding strategy or a bool; copied unchanged")
-        if new_key in converted and converted[new_key] != new_value:
-            notes.append(
-                f"{new_key}: {converted[new_key]!r} from an earlier key replaced by {new_value!r} "
-                f"from {key} (the later key wins)"
-            )
-        converted[new_key] = new_value
-    converted["fsdp_version"] = 2
+        target = RENAMED_IN_FSDP2[key]
+        new_value, note = reshard_value(key, value)
+        if note:
+            notes.append(note)
+        if target in converted:  # an earlier key already wrote the target: the later key wins, as in Accelerate
+            if block[target] != new_value:
+                notes.append(
+                    f"{target}: {block[target]!r} from an earlier key replaced by {new_value!r} "
+                    f"from {key} (the later key wins)"
+                )
+            block[target] = new_value
+            _drop(block, key)
+            continue
+        if target != key and target in block:  # the target comes later: convert it here, where the first key stands
+            later_value, later_note = reshard_value(target, block[target])
+            if later_note:
+                notes.append(later_note)
+            if later_value != new_value:
+                notes.append(
+                    f"{target}: {new_value!r} from {key} replaced by {later_value!r} from {target} (the later key wins)"
+                )
+            new_value = later_value
+            _drop(block, target)
+        _rename(block, key, target, new_value)
+        converted.add(target)
+    block["fsdp_version"] = 2  # in place if present, else appended, as in Accelerate
     notes.append("fsdp_version: set to 2")
-    new["fsdp_config"] = converted
     return new, notes
+
+
+# ---- editing a mapping in place, comments included ----------------------------------
+# ruamel.yaml keeps the comment lines that stand before a key on the key above it,
+# as the tail of that key's end-of-line comment token (`block.ca.items[key][2]`), or
+# on the block itself for the first key. Dropping a key must hand those lines on.
+
+
+def _rename(block, key: str, new_key: str, value: Any) -> None:
+    """Replace `key: old` by `new_key: value` at the same position, keeping its comments."""
+    if key == new_key:
+        block[key] = value
+        return
+    position = list(block).index(key)
+    comment = getattr(block, "ca", None) and block.ca.items.pop(key, None)
+    if hasattr(block, "insert"):
+        del block[key]
+        block.insert(position, new_key, value)
+        if comment:
+            if comment[2] is not None and not comment[2].value.startswith("\n"):  # an end-of-line comment:
+                shown = str(value).lower() if isinstance(value, bool) else str(value)  # keep it two spaces
+                column = _indent_of(block, comment[2]) + len(f"{new_key}: {shown}") + 2  # after the new value
+                comment = [*comment[:2], _token(comment[2].value, comment[2], column), *comment[3:]]
+            block.ca.items[new_key] = comment
+        return
+    items = list(block.items())  # a plain dict: rebuild in order
+    items[position] = (new_key, value)
+    block.clear()
+    block.update(items)
+
+
+def _drop(block, key: str) -> None:
+    """Delete `key`, keeping every comment. A key with an end-of-line comment stays as a
+    commented-out line (`# key: value  # comment`), so the comment keeps its subject."""
+    ca = getattr(block, "ca", None)
+    token = ca.items.pop(key, [None, None, None, None])[2] if ca is not None else None
+    keys = list(block)
+    position = keys.index(key)
+    value = block.pop(key)
+    if token is None or not token.value.strip():
+        return
+    own, _, following = token.value.partition("\n")
+    indent = " " * _indent_of(block, token)
+    shown = str(value).lower() if isinstance(value, bool) else value
+    text = (f"{indent}# {key}: {shown}  {own.strip()}\n" if own.strip() else "") + following
+    if position == 0:  # no key above: the lines go before the block
+        before = (ca.comment or [None, None]) if ca.comment else [None, None]
+        tokens = list(before[1] or [])
+        tokens.append(_token(text, token))
+        ca.comment = [before[0], tokens]
+        return
+    above = keys[position - 1]
+    slot = ca.items.setdefault(above, [None, None, None, None])
+    if slot[2] is None:
+        slot[2] = _token("\n" + text, token)
+    else:
+        slot[2] = _token(slot[2].value + text, slot[2])  # the key above keeps its own column
+
+
+def _indent_of(block, token) -> int:
+    """The column the block's keys start at (where a full-line comment belongs)."""
+    lc = getattr(block, "lc", None)
+    if lc is not None and getattr(lc, "data", None):
+        first = next(iter(lc.data.values()), None)
+        if first:
+            return first[1]
+    return getattr(token, "column", 0)
+
+
+def _token(text: str, like, column: int | None = None):
+    from ruamel.yaml.error import CommentMark
+    from ruamel.yaml.tokens import CommentToken
+
+    return CommentToken(text, CommentMark(like.column if column is None else column))

@@ -434,4 +434,4 @@ def test_conversion_notes_what_accelerate_leaves_for_the_user():
     assert "LOCAL_STATE_DICT copied unchanged, but FSDP2 has no equivalent; change it to SHARDED_STATE_DICT" in text
     assert "fsdp_sharding_strategy: NO_SHARD -> fsdp_reshard_after_forward: false (FSDP2 has no NO_SHARD" in text
     assert "fsdp_reshard_after_forward: 'WEIRD' is not a sharding strategy or a bool; copied unchanged" in text
-    assert "fsdp_reshard_after_forward: False from an earlier key replaced by 'WEIRD'" in text
+    assert "fsdp_reshard_after_forward: False from fsdp_sharding_strategy replaced by 'WEIRD'" in text
