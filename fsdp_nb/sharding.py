@@ -22,19 +22,42 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Callable
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from fsdp_nb.loading import (
+    broadcast_from_rank0,
+    fill_from_rank0,
+    has_meta,
+    materialize,
+    rank0_state,
+    tie_keeping_init,
+)
+from fsdp_nb.loading import build_on_rank0 as build_on_rank0  # its public path since the first release
 from fsdp_nb.optim_guard import remember_replaced
 
 if TYPE_CHECKING:
     from fsdp_nb.config import FSDPConfig
 
 WRAP_POLICIES = ("TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP", "NO_WRAP")
+_CONFIGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # sharded model -> the FSDPConfig used
+
+
+def fsdp_version_of(model: nn.Module) -> int:
+    """1 for an FSDP1 wrapper, 2 for an FSDP2 module, 0 for anything else (plain, DDP)."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    return 1 if isinstance(model, FSDP) else 2 if isinstance(model, FSDPModule) else 0
+
+
+def config_of(model: nn.Module) -> FSDPConfig | None:
+    """The `FSDPConfig` that `shard()` applied to `model`, or None (sharded by hand, or not sharded)."""
+    return _CONFIGS.get(model)
 
 
 def shard(model: nn.Module, config: FSDPConfig, *, mesh: Any = None) -> nn.Module:
@@ -58,6 +81,7 @@ def shard(model: nn.Module, config: FSDPConfig, *, mesh: Any = None) -> nn.Modul
     else:
         sharded = _apply_fsdp2(model, units, config, mesh)
     remember_replaced(before, sharded)
+    _CONFIGS[sharded] = config
     return sharded
 
 
@@ -181,45 +205,15 @@ def compute_device() -> torch.device:
     return torch.device("cpu")
 
 
-def broadcast_from_rank0(model: nn.Module) -> None:
-    """Overwrite every parameter and buffer with rank 0's values (works on gloo/CPU)."""
-    with torch.no_grad():
-        for t in list(model.parameters()) + list(model.buffers()):
-            dist.broadcast(t.data, src=0)
-
-
-def build_on_rank0(factory: Callable[[], nn.Module], config: FSDPConfig) -> nn.Module:
-    """`factory()` on rank 0; with `cpu_ram_efficient_loading` the other ranks build
-    it on the meta device (shapes, no memory) and `shard()` fills them from rank 0."""
-    if config.cpu_ram_efficient_loading and dist.get_rank() != 0:
-        with torch.device("meta"):
-            return factory()
-    return factory()
-
-
-def _materialize(model: nn.Module, device: torch.device) -> None:
-    """Allocate (uninitialised) storage for meta tensors, keeping tied parameters tied:
-    `to_empty` gives each owner of a shared parameter its own new tensor."""
-    owners: dict[int, list[tuple[str, str]]] = {}
-    for module_name, module in model.named_modules():
-        for name, p in module.named_parameters(recurse=False):
-            owners.setdefault(id(p), []).append((module_name, name))
-    model.to_empty(device=device)
-    for (first_module, first_name), *others in (o for o in owners.values() if len(o) > 1):
-        shared = getattr(model.get_submodule(first_module), first_name)
-        for module_name, name in others:
-            setattr(model.get_submodule(module_name), name, shared)
-
-
 def _apply_fsdp1(model: nn.Module, units: list[nn.Module], config: FSDPConfig) -> nn.Module:
     from torch.distributed.fsdp import BackwardPrefetch, CPUOffload, MixedPrecision, ShardingStrategy
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp.wrap import CustomPolicy
 
     device = compute_device()
-    if any(p.is_meta for p in model.parameters()):  # cpu_ram_efficient_loading, ranks != 0
-        _materialize(model, device)  # values arrive with the broadcast below
-    sync = config.sync_module_states
+    loading = config.cpu_ram_efficient_loading
+    full_state = rank0_state(model) if loading else None
+    sync = config.sync_module_states and not loading  # loading broadcasts rank 0's weights after wrapping
     if sync and device.type == "cpu":
         broadcast_from_rank0(model)  # FSDP1's own sync refuses CPU tensors
         sync = False
@@ -235,7 +229,7 @@ def _apply_fsdp1(model: nn.Module, units: list[nn.Module], config: FSDPConfig) -
     unit_ids = {id(u) for u in units}
     strategy, prefetch = config.sharding_strategy, config.backward_prefetch
     try:
-        return FSDP(
+        wrapped = FSDP(
             model,
             device_id=device,
             auto_wrap_policy=CustomPolicy(lambda m: id(m) in unit_ids) if units else None,
@@ -250,6 +244,8 @@ def _apply_fsdp1(model: nn.Module, units: list[nn.Module], config: FSDPConfig) -
             use_orig_params=config.use_orig_params,
             sync_module_states=sync,
             ignored_modules=_ignored_modules(model, config),
+            # ranks != 0 under cpu_ram_efficient_loading: one unit at a time gets (empty) storage
+            param_init_fn=tie_keeping_init(device) if has_meta(model) else None,
         )
     except ValueError as err:
         if "requires_grad" in str(err) and not config.use_orig_params:
@@ -261,6 +257,9 @@ def _apply_fsdp1(model: nn.Module, units: list[nn.Module], config: FSDPConfig) -
                 f"(torch said: {err})"
             ) from err
         raise
+    if loading:
+        fill_from_rank0(wrapped, full_state)
+    return wrapped
 
 
 def _apply_fsdp2(model: nn.Module, units: list[nn.Module], config: FSDPConfig, mesh: Any) -> nn.Module:
@@ -284,17 +283,13 @@ def _apply_fsdp2(model: nn.Module, units: list[nn.Module], config: FSDPConfig, m
         ignored_params=ignored or None,
     )
     loading = config.cpu_ram_efficient_loading
-    full_state = model.state_dict() if loading and dist.get_rank() == 0 else {}  # full tensors, rank 0 only
+    full_state = rank0_state(model) if loading else None
     for unit in units:  # bottom-up: a unit's parameters leave the root's group
         fully_shard(unit, **kwargs)
     fully_shard(model, **kwargs)  # the root: everything no unit claimed (tied embeddings too)
-    if loading:  # ranks != 0 hold meta shards: allocate them, then scatter rank 0's weights
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        _materialize(model, device)
-        set_model_state_dict(
-            model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-        )
+    if loading:  # ranks != 0 hold meta shards: allocate them (shards only), then scatter rank 0's weights
+        materialize(model, device)
+        fill_from_rank0(model, full_state)
     if config.forward_prefetch:
         # each unit starts the all-gather of the next one before its own forward runs
         for current, following in zip(units, units[1:]):
