@@ -34,10 +34,15 @@ _LAZY = {
     "GPT": "fsdp_nb.models",
     "GPTConfig": "fsdp_nb.models",
     "Layer": "fsdp_nb.models",
+    "save_checkpoint": "fsdp_nb.checkpoint",
+    "load_checkpoint": "fsdp_nb.checkpoint",
+    "merge_weights": "fsdp_nb.checkpoint",
+    "CheckpointError": "fsdp_nb.checkpoint",
 }
 
 __all__ = [
     "CellResult",
+    "CheckpointError",
     "FSDPConfig",
     "GPT",
     "GPTConfig",
@@ -53,6 +58,9 @@ __all__ = [
     "check_optimizer",
     "current_session",
     "emit",
+    "load_checkpoint",
+    "merge_weights",
+    "save_checkpoint",
     "shard",
     "load_ipython_extension",
     "unload_ipython_extension",
@@ -60,6 +68,7 @@ __all__ = [
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name loads on first use
+    from fsdp_nb.checkpoint import CheckpointError, load_checkpoint, merge_weights, save_checkpoint
     from fsdp_nb.config import FSDPConfig
     from fsdp_nb.models import GPT, GPTConfig, Layer
     from fsdp_nb.optim_guard import check_optimizer

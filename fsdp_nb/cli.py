@@ -88,12 +88,42 @@ def to_fsdp2_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merge_arguments(parser: argparse.ArgumentParser) -> None:
+    # Argument names are `accelerate merge-weights`'s.
+    parser.add_argument("checkpoint_directory", help="a checkpoint written by save_checkpoint (sharded or full)")
+    parser.add_argument("output_path", help="the directory to write model.safetensors (or pytorch_model.bin) into")
+    parser.add_argument(
+        "--unsafe_serialization",
+        action="store_true",
+        help="write pytorch_model.bin (torch.save) instead of safetensors",
+    )
+
+
+def merge_command(args: argparse.Namespace) -> int:
+    """Merge a checkpoint's weights into one file that a plain, unsharded model loads."""
+    from fsdp_nb.checkpoint import CheckpointError, merge_weights
+
+    try:
+        written = merge_weights(args.checkpoint_directory, args.output_path,
+                                safe_serialization=not args.unsafe_serialization)  # fmt: skip
+    except CheckpointError as err:
+        raise CLIError(str(err)) from None
+    print(f"{args.checkpoint_directory} -> {written}")
+    return 0
+
+
 SUBCOMMANDS: tuple[Subcommand, ...] = (
     Subcommand(
         name="to-fsdp2",
         help="convert an Accelerate FSDP1 config file to FSDP2",
         add_arguments=_to_fsdp2_arguments,
         run=to_fsdp2_command,
+    ),
+    Subcommand(
+        name="merge-weights",
+        help="merge a checkpoint's weights into one model.safetensors for a plain model",
+        add_arguments=_merge_arguments,
+        run=merge_command,
     ),
     Subcommand(
         name="train",

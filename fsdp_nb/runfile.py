@@ -59,6 +59,14 @@ def add_train_arguments(parser) -> None:
     parser.add_argument("--config", required=True, help="YAML run file (sections model, data, train, fsdp)")
     parser.add_argument("--steps", type=int, default=None, help="override train.steps")
     parser.add_argument("--history", default=None, help="rank 0 writes the per-step history here as JSON")
+    parser.add_argument(
+        "--resume",
+        default=None,
+        metavar="PATH",
+        help="continue from this checkpoint (or the latest in this directory of checkpoints)",
+    )
+    parser.add_argument("--checkpoint_dir", default=None, help="write checkpoints here (step-NNNNNN)")
+    parser.add_argument("--checkpoint_every", type=int, default=0, help="steps between checkpoints (0: never)")
 
 
 def cli_train(args) -> int:
@@ -80,7 +88,16 @@ def cli_train(args) -> int:
     config = run["train"] if args.steps is None else dataclasses.replace(run["train"], steps=args.steps)
     blocks = ByteBlocks(load_corpus(run["data"]["source"], run["data"]["max_bytes"]), run["model"].block_size)
     train_data, val_data = blocks.split(run["data"]["val_fraction"])
-    trainer = Trainer(GPT(run["model"], seed=config.seed), train_data, config, fsdp=run["fsdp"], val_data=val_data)
+    trainer = Trainer(
+        GPT(run["model"], seed=config.seed),
+        train_data,
+        config,
+        fsdp=run["fsdp"],
+        val_data=val_data,
+        checkpoint_dir=args.checkpoint_dir,
+        checkpoint_every=args.checkpoint_every,
+        resume_from=args.resume,
+    )
     history = trainer.fit()
     if args.history and trainer.master_process:
         with open(args.history, "w") as f:

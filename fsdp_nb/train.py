@@ -35,6 +35,7 @@ from torch import nn
 from fsdp_nb.data import ByteBlocks, ShardedBatches, check_batch_split
 from fsdp_nb.layout.inspect import memory_of
 from fsdp_nb.rank import events
+from fsdp_nb.sharding import fsdp_version_of
 from fsdp_nb.validate import is_int
 
 if TYPE_CHECKING:
@@ -119,14 +120,6 @@ def init_distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def fsdp_version_of(model: nn.Module) -> int:
-    """1 for an FSDP1 wrapper, 2 for an FSDP2 module, 0 for anything else (plain, DDP)."""
-    from torch.distributed.fsdp import FSDPModule
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    return 1 if isinstance(model, FSDP) else 2 if isinstance(model, FSDPModule) else 0
-
-
 def _is_ddp(model: nn.Module) -> bool:
     return isinstance(model, nn.parallel.DistributedDataParallel)
 
@@ -142,6 +135,12 @@ class Trainer:
     every rank), lr, grad_norm, step_time_s, tokens_per_s and this rank's memory
     (`fsdp_nb.inspect.memory_of`). `name` labels the run's curve in the notebook,
     so runs from several cells overlay in one live plot.
+
+    Checkpoints: with `checkpoint_dir`, every `checkpoint_every` steps (and after the
+    last) the model, the optimizer and the history go to `checkpoint_dir/step-NNNNNN`
+    (`async_checkpoint=True` writes them in the background). `resume_from` (a
+    checkpoint, or a directory of them: the latest is taken) restores all three
+    before the first step, so `fit()` carries on where that run stopped.
     """
 
     def __init__(
@@ -154,7 +153,17 @@ class Trainer:
         val_data: ByteBlocks | None = None,
         mesh=None,
         name: str | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every: int = 0,
+        resume_from: str | os.PathLike | None = None,
+        async_checkpoint: bool = False,
     ):
+        if not (isinstance(checkpoint_every, int) and checkpoint_every >= 0) or isinstance(checkpoint_every, bool):
+            raise ValueError(f"Trainer: checkpoint_every={checkpoint_every!r} must be an int >= 0 (steps; 0: never)")
+        if checkpoint_every and checkpoint_dir is None:
+            raise ValueError("Trainer: checkpoint_every needs checkpoint_dir, the directory to write checkpoints to")
+        self.checkpoint_dir, self.checkpoint_every = checkpoint_dir, checkpoint_every
+        self.async_checkpoint = async_checkpoint
         self.config = config
         self.name = name  # labels this run's curve in the notebook's live plot
         self.rank, self.world_size = init_distributed()
@@ -185,6 +194,29 @@ class Trainer:
         self.train_batches = ShardedBatches(data, **split)
         self.val_batches = ShardedBatches(val_data, shuffle=False, **split) if val_data is not None else None
         self.history: list[dict] = []
+        if resume_from is not None:
+            self.resume(resume_from)
+
+    # ---- checkpoints -------------------------------------------------------------
+
+    def resume(self, path: str | os.PathLike) -> None:
+        """Load model, optimizer and history from a checkpoint (or the latest in a directory of them)."""
+        from fsdp_nb.checkpoint import load_checkpoint, resolve
+
+        manifest = load_checkpoint(self.model, self.optimizer, resolve(path))
+        self.history = list(manifest.extra.get("trainer", {}).get("history", []))
+
+    def save(self, path: str | os.PathLike):
+        """Save model, optimizer and history to `path` (an AsyncCheckpoint with `async_checkpoint=True`)."""
+        from fsdp_nb.checkpoint import save_checkpoint
+
+        extra = {"trainer": {"step": len(self.history), "history": self.history}}
+        return save_checkpoint(self.model, self.optimizer, path, async_save=self.async_checkpoint, extra=extra)
+
+    def _maybe_checkpoint(self, step: int) -> None:
+        every, last = self.checkpoint_every, step == self.config.steps
+        if self.checkpoint_dir is not None and ((every and step % every == 0) or (last and every)):
+            self.save(os.path.join(self.checkpoint_dir, f"step-{step:06d}"))
 
     # ---- one optimizer step ----------------------------------------------------
 
@@ -273,6 +305,11 @@ class Trainer:
                 record["val_loss"] = self.evaluate()
             self.history.append(record)
             self._report(record)
+            self._maybe_checkpoint(step + 1)
+        if self.async_checkpoint:
+            from fsdp_nb.checkpoint import wait_pending
+
+            wait_pending()  # the run is over only when its last checkpoint is on disk
         return self.history
 
     def _report(self, record: dict) -> None:

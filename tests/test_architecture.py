@@ -50,8 +50,10 @@ def _imports(name: str) -> set[str]:
                 base = ".".join(
                     package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
                 )
-            found.add(base)
-            found.update(f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in MODULES)
+            submodules = {f"{base}.{a.name}" for a in node.names} & MODULES.keys()
+            found.update(submodules)  # `from pkg import mod` needs mod; `from pkg import name` needs pkg
+            if len(submodules) < len(node.names):
+                found.add(base)
         for child in ast.iter_child_nodes(node):
             visit(child)
 

@@ -36,11 +36,14 @@ class Dashboard:
         self._shown = False
         self._last_draw = 0.0
         self._dirty = False
+        self._saving = None  # this cell's checkpoint status line (a widget in a notebook)
+        self._lines: dict[str, object] = {}  # checkpoint path -> the line that shows it, for late news
 
     def new_cell(self) -> None:
         self.cell += 1
         self.bar = self.label = self.image = None
         self._shown = False
+        self._saving = None
 
     def __call__(self, rank: int, kind: str, payload: dict) -> None:
         if kind == "progress" and rank == 0:  # ranks step together; rank 0 speaks for all
@@ -57,6 +60,35 @@ class Dashboard:
             self._dirty = True
             if time.monotonic() - self._last_draw >= REDRAW_S:
                 self._draw()
+        elif kind == "checkpoint" and rank == 0:  # save_checkpoint's status: rank 0 speaks for all
+            self._checkpoint(payload)
+
+    # ---- checkpoints ----------------------------------------------------------------
+    def _checkpoint(self, payload: dict) -> None:
+        """One status line per cell: the latest checkpoint, updated when a background write ends."""
+        path, status = str(payload.get("path", "")), str(payload.get("status", ""))
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        seconds = float(payload.get("seconds") or 0.0)
+        text = {
+            "writing": f"checkpoint {name}: writing in the background ...",
+            "saved": f"checkpoint {name}: saved in {seconds:.2f} s"
+            + (" (background)" if payload.get("background") else ""),
+            "failed": f"checkpoint {name}: FAILED after {seconds:.2f} s (wait() on the handle says why)",
+        }.get(status, f"checkpoint {name}: {status}")
+        if not self.widgets:
+            sys.stderr.write(text + "\n")
+            return
+        line = self._lines.get(path) if status != "writing" else None  # late news updates its own line
+        if line is None:
+            if self._saving is None:
+                import ipywidgets as w
+                from IPython.display import display
+
+                self._saving = w.Label("")
+                display(self._saving)
+            line = self._saving
+        line.value = text
+        self._lines[path] = line
 
     def finish(self) -> None:
         if self._dirty:

@@ -1,0 +1,40 @@
+"""Checkpoints that work across FSDP versions and world sizes, written atomically.
+
+- `save_checkpoint(model, optimizer, path, *, state_dict_type=None, async_save=False)`
+- `load_checkpoint(model, optimizer, path)`
+- `merge_weights(checkpoint_dir, output_path, *, safe_serialization=True)`
+
+`store` is the directory format, `state` the state dicts of both FSDP versions,
+`save` / `load` / `merge` the three operations.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from fsdp_nb.checkpoint.load import load_checkpoint, resolve
+from fsdp_nb.checkpoint.merge import merge_weights
+from fsdp_nb.checkpoint.save import AsyncCheckpoint, save_checkpoint, wait_pending
+from fsdp_nb.checkpoint.store import CheckpointError, Manifest, checkpoints_in, inspect, latest
+
+# FSDP1's sharded state dicts are ShardedTensors, which torch 2.13 marks deprecated on every
+# touch, and its state-dict helpers warn about gloo groups with a CPU and a CUDA backend. Both
+# are torch talking to itself: a save would print dozens of lines the user can do nothing about.
+warnings.filterwarnings("ignore", message="Please use DTensor instead and we are deprecating ShardedTensor")
+warnings.filterwarnings("ignore", message="Multiple backends are registered with this ProcessGroup")
+# In one process (merge_weights, a plain model) DCP says at every call that it runs without ranks.
+warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized")
+
+__all__ = [
+    "AsyncCheckpoint",
+    "CheckpointError",
+    "Manifest",
+    "checkpoints_in",
+    "inspect",
+    "latest",
+    "load_checkpoint",
+    "merge_weights",
+    "resolve",
+    "save_checkpoint",
+    "wait_pending",
+]

@@ -1,0 +1,79 @@
+"""`load_checkpoint`: into an already sharded model, of either FSDP version, at any world size.
+
+A sharded checkpoint is read with DCP into this rank's own shards: DCP reads the
+slices each shard needs from whichever files hold them, which is why the world
+size and the FSDP version at save time do not matter. A full checkpoint is read
+by rank 0 and broadcast. Before anything is read, the manifest is checked: an
+incomplete checkpoint, a path that is not one, or a model whose names or shapes
+differ each stop the load with one line that says so.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fsdp_nb.checkpoint import state as S
+from fsdp_nb.checkpoint import store
+from fsdp_nb.checkpoint.save import wait_pending
+from fsdp_nb.checkpoint.store import CheckpointError, Manifest
+
+
+def load_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer | None, path: str | os.PathLike) -> Manifest:
+    """Load the checkpoint at `path` into `model` (and `optimizer`, which may be None); call it on every rank.
+
+    Reads both kinds (SHARDED_STATE_DICT, FULL_STATE_DICT). Returns the checkpoint's
+    manifest (`.extra` holds what was stored beside the state). Raises
+    CheckpointError, naming the path, for an incomplete checkpoint, a path that is
+    not a checkpoint, or a model whose parameter names or shapes differ.
+    """
+    wait_pending()  # a background save of this process must finish before its files are read
+    manifest = store.inspect(path)
+    if optimizer is not None and not manifest.has_optimizer:
+        raise CheckpointError(f"checkpoint {manifest.path} holds no optimizer state; pass optimizer=None")
+    if manifest.state_dict_type == "SHARDED_STATE_DICT":
+        import torch.distributed.checkpoint as dcp
+
+        state = S.sharded_state(model, optimizer)
+        _check(manifest, S.shapes(state["model"]))
+        try:
+            dcp.load(state, storage_reader=dcp.FileSystemReader(str(manifest.path)))
+        except BaseException as e:  # CheckpointException is a BaseException
+            raise CheckpointError(f"reading checkpoint {manifest.path} failed: {_first_line(e)}") from None
+        S.load_sharded_into(model, optimizer, state)
+    else:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        wanted = get_model_state_dict(model, options=StateDictOptions(full_state_dict=False))
+        _check(manifest, S.shapes(wanted))
+        full = None
+        if S.rank_and_world()[0] == 0:
+            full = torch.load(manifest.path / store.FULL_FILE, map_location="cpu", weights_only=True)
+        S.load_full_into(model, optimizer, full)
+    return manifest
+
+
+def _check(manifest: Manifest, wanted: dict[str, tuple]) -> None:
+    problem = S.mismatch(manifest.model, wanted)
+    if problem:
+        raise CheckpointError(f"checkpoint {manifest.path} does not match the model: {problem}")
+
+
+def _first_line(e: BaseException) -> str:
+    failures = getattr(e, "failures", None)
+    if failures:
+        rank, inner = sorted(failures.items())[0]
+        return f"rank {rank}: {_first_line(getattr(inner, 'exc', inner))}"
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """A checkpoint, or the latest complete checkpoint in a directory of them (for resuming)."""
+    found = store.latest(path)
+    if found is None:
+        store.inspect(path)  # raises the precise reason
+    return found

@@ -1,0 +1,223 @@
+"""`save_checkpoint`: sharded (every rank writes its shard) or full (rank 0 writes one file), now or in the background.
+
+The order of one save, and why:
+1. rank 0 draws the temporary directory's name and shares it, so all ranks write
+   to the same place [Note: atomic publication];
+2. the state is taken: this rank's shards (no communication), or the whole state
+   gathered to rank 0;
+3. for `async_save=True` the state is copied, so training can change the
+   parameters while the copy is written; a thread does the rest, on a gloo group of
+   its own (on the default group, the checkpoint's collectives would interleave
+   with training's and hang);
+4. every rank writes (DCP for sharded, `torch.save` on rank 0 for full);
+5. rank 0 writes the manifest and renames the directory into place, then tells the
+   other ranks how that went, which is also the barrier that ends the save.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fsdp_nb.checkpoint import state as S
+from fsdp_nb.checkpoint import store
+from fsdp_nb.checkpoint.store import CheckpointError
+from fsdp_nb.rank import events
+from fsdp_nb.sharding import config_of, fsdp_version_of
+
+KINDS = ("SHARDED_STATE_DICT", "FULL_STATE_DICT")
+_pending: AsyncCheckpoint | None = None  # at most one background save per process at a time
+_groups: dict[int, object] = {}  # default process group -> the checkpoint's own gloo group
+
+
+class AsyncCheckpoint:
+    """A checkpoint being written in the background: `.wait()` for it, `.done()` to ask."""
+
+    def __init__(self, path: Path, write):
+        self.path, self.error, self.seconds = path, None, None
+        self._start = time.perf_counter()
+        self._thread = threading.Thread(target=self._run, args=(write,), name=f"fsdp_nb-save {path.name}", daemon=True)
+        self._thread.start()
+
+    def _run(self, write) -> None:
+        try:
+            write()
+        except BaseException as e:  # CheckpointException is a BaseException
+            self.error = e
+        self.seconds = time.perf_counter() - self._start
+        _report(self.path, "failed" if self.error else "saved", self.seconds, background=True)
+
+    def done(self) -> bool:
+        """True once the checkpoint is written (or has failed: `.wait()` raises then)."""
+        return not self._thread.is_alive()
+
+    def wait(self, timeout: float | None = None) -> Path:
+        """Block until the checkpoint stands at `path`; returns it, or raises what went wrong."""
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError(f"checkpoint {self.path} is still being written after {timeout} s")
+        if self.error is not None:
+            raise self.error
+        return self.path
+
+    def __repr__(self) -> str:
+        if not self.done():
+            return f"<AsyncCheckpoint {self.path.name}: writing for {time.perf_counter() - self._start:.1f} s>"
+        if self.error is not None:
+            return f"<AsyncCheckpoint {self.path.name}: failed: {self.error}>"
+        return f"<AsyncCheckpoint {self.path.name}: saved in {self.seconds:.2f} s>"
+
+
+def save_checkpoint(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    path: str | os.PathLike,
+    *,
+    state_dict_type: str | None = None,
+    async_save: bool = False,
+    extra: dict | None = None,
+) -> AsyncCheckpoint | None:
+    """Save `model` (and `optimizer`, which may be None) to the directory `path`; call it on every rank.
+
+    `state_dict_type` is Accelerate's "SHARDED_STATE_DICT" (each rank writes its own
+    shard, no communication) or "FULL_STATE_DICT" (gathered to rank 0, one file);
+    None takes it from the `FSDPConfig` the model was sharded with, else sharded.
+    Returns None once the checkpoint is written, or with `async_save=True` an
+    `AsyncCheckpoint` as soon as the state is copied. `extra` is a JSON-able dict
+    kept in the manifest (the Trainer keeps its step there). An existing checkpoint
+    at `path` is replaced only once the new one is complete.
+    """
+    kind = _kind(model, state_dict_type)
+    path = Path(path).absolute()
+    wait_pending()  # background saves share one group: one at a time
+    rank, world = S.rank_and_world()
+    tmp = store.temporary_dir(path, _shared_token())
+    if rank == 0:
+        tmp.mkdir(parents=True)
+    _barrier(None)  # the directory exists before anyone writes into it
+    t0 = time.perf_counter()
+    try:
+        state = S.sharded_state(model, optimizer) if kind == KINDS[0] else S.full_state(model, optimizer)
+    except BaseException:
+        if rank == 0:
+            store.discard(tmp)
+        raise
+    info = dict(
+        state_dict_type=kind,
+        model=S.shapes(state["model"]) if state is not None else {},
+        has_optimizer=optimizer is not None,
+        saved_by={"fsdp_version": fsdp_version_of(model), "world_size": world, "torch": torch.__version__},
+        extra=extra or {},
+    )
+    if not async_save:
+        _write(state, tmp, path, info, group=None)
+        _report(path, "saved", time.perf_counter() - t0)
+        return None
+    snapshot = S.clone_local(state)  # training may change the parameters from here on
+    global _pending
+    _pending = AsyncCheckpoint(path, functools.partial(_write, snapshot, tmp, path, info, group=_checkpoint_group()))
+    _report(path, "writing", time.perf_counter() - t0, background=True)
+    return _pending
+
+
+def wait_pending() -> None:
+    """Wait for this process's background save, if one is running."""
+    global _pending
+    if _pending is not None:
+        pending, _pending = _pending, None
+        pending.wait()
+
+
+def _kind(model: nn.Module, state_dict_type: str | None) -> str:
+    if state_dict_type is None:
+        config = config_of(model)
+        return config.state_dict_type if config is not None else KINDS[0]
+    kind = str(state_dict_type).strip().upper()
+    if kind not in KINDS:
+        raise ValueError(f"state_dict_type={state_dict_type!r} is not valid; accepted: {', '.join(KINDS)}")
+    return kind
+
+
+def _write(state: dict | None, tmp: Path, path: Path, info: dict, *, group) -> None:
+    """Steps 4 and 5 of a save, on every rank; `group` is None (default) or the checkpoint's own."""
+    rank, _ = S.rank_and_world()
+    failure = None
+    try:
+        if info["state_dict_type"] == KINDS[0]:
+            import torch.distributed.checkpoint as dcp
+
+            writer = dcp.FileSystemWriter(str(tmp), overwrite=False)
+            dcp.save(state, storage_writer=writer, process_group=group)  # returns once every rank has written
+        elif rank == 0:
+            with open(tmp / store.FULL_FILE, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+        if rank == 0:
+            if not info["model"] and state is not None:
+                info["model"] = S.shapes(state["model"])
+            store.write_manifest(tmp, **info)
+            store.publish(tmp, path)
+    except BaseException as e:  # dcp's CheckpointException is a BaseException; so is a KeyboardInterrupt
+        failure = _describe(e)
+    failures = _gather_failures(failure, group)
+    if failures:
+        if rank == 0:
+            store.discard(tmp)
+        where = "; ".join(f"rank {r}: {why}" for r, why in failures)
+        raise CheckpointError(f"saving checkpoint {path} failed ({where}); nothing was published and older "
+                              "checkpoints are untouched")  # fmt: skip
+
+
+def _describe(e: BaseException) -> str:
+    failures = getattr(e, "failures", None)  # CheckpointException: {rank: exception}
+    if failures:
+        r, inner = sorted(failures.items())[0]
+        e = getattr(inner, "exc", inner)
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _gather_failures(failure: str | None, group) -> list[tuple[int, str]]:
+    """Every rank's failure, if any; also the barrier that ends a save."""
+    if not dist.is_initialized():
+        return [(0, failure)] if failure else []
+    everyone: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, failure, group=group)
+    ranks = dist.get_process_group_ranks(group) if group is not None else range(len(everyone))
+    return [(r, f) for r, f in zip(ranks, everyone) if f]
+
+
+def _shared_token() -> str:
+    token = [store.token()]
+    if dist.is_initialized():
+        dist.broadcast_object_list(token, src=0)  # rank 0's name for the temporary directory
+    return token[0]
+
+
+def _barrier(group) -> None:
+    if dist.is_initialized():
+        dist.barrier(group=group)
+
+
+def _checkpoint_group():
+    """A gloo group for background saves, made once per process group (all ranks call this together)."""
+    if not dist.is_initialized():
+        return None
+    key = id(dist.group.WORLD)
+    if key not in _groups:
+        _groups[key] = dist.new_group(backend="gloo")
+    return _groups[key]
+
+
+def _report(path: Path, status: str, seconds: float, background: bool = False) -> None:
+    """Rank 0 tells the notebook (a status line there); outside a session it stays quiet."""
+    if S.rank_and_world()[0] == 0:
+        events.emit("checkpoint", path=str(path), status=status, seconds=round(seconds, 3), background=background)
