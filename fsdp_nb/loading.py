@@ -10,8 +10,11 @@ The order inside `shard()`, and why:
    and `to_empty` allocates the local shards; FSDP1 allocates one unit at a time,
    through a `param_init_fn` that keeps tied parameters tied, just before it
    flattens and shards that unit;
-3. `set_model_state_dict(..., broadcast_from_rank0=True)` sends rank 0's tensors
-   one by one, each rank keeping its own slice;
+3. rank 0's tensors are broadcast one by one and each rank keeps its own slice:
+   FSDP2 through `set_model_state_dict(..., broadcast_from_rank0=True)`; FSDP1 by
+   copying each parameter's slice straight into the local FlatParameter shard, at
+   the offsets torch recorded (`_shard_param_infos`), because FSDP1's full-state
+   load unshards every FlatParameter first, which costs the whole model again;
 4. buffers that are not in the state dict (non-persistent) are broadcast too:
    `to_empty` left them uninitialised.
 `reset_parameters()` is never called on the empty shards: on CPU, DTensor has no
@@ -82,6 +85,34 @@ def tie_keeping_init(device: torch.device) -> Callable[[nn.Module], None]:
                 module._buffers[name] = torch.empty_like(b, device=device)
 
     return init
+
+
+def fill_fsdp1_from_rank0(model: nn.Module, full_state: dict | None) -> None:
+    """FSDP1: every rank receives rank 0's parameters one at a time and keeps the elements of its shard."""
+    from fsdp_nb.layout.inspect import flat_handles, prefixed
+
+    rank = dist.get_rank()
+    flattened = set()
+    with torch.no_grad():
+        for prefix, handle in flat_handles(model).items():
+            flat = handle.flat_param  # (local shard numel,): this rank's chunk of the padded flat tensor
+            for fqn, shape, info in zip(flat._fqns, flat._shapes, flat._shard_param_infos):
+                name = prefixed(prefix, fqn)
+                flattened.add(name)
+                full = full_state[name].to(flat.dtype) if rank == 0 else torch.empty(shape, dtype=flat.dtype)
+                dist.broadcast(full, src=0)
+                if info.in_shard:  # elements [start, end] of the parameter sit at offset_in_shard of this shard
+                    start, end = info.intra_param_start_idx, info.intra_param_end_idx
+                    piece = full.reshape(-1)[start : end + 1]
+                    flat.data[info.offset_in_shard : info.offset_in_shard + piece.numel()].copy_(piece)
+        # what FSDP1 does not flatten (ignored modules) and every buffer: whole, from rank 0
+        rest = [t for n, t in model.named_parameters() if _clean(n) not in flattened and not _is_flat(n)]
+        for tensor in rest + list(model.buffers()):
+            dist.broadcast(tensor.data, src=0)
+
+
+def _is_flat(name: str) -> bool:
+    return name.endswith("_flat_param") or "._flat_param" in name
 
 
 def fill_from_rank0(model: nn.Module, full_state: dict | None) -> None:

@@ -32,6 +32,7 @@ from torch import nn
 from fsdp_nb.loading import (
     broadcast_from_rank0,
     fill_from_rank0,
+    fill_fsdp1_from_rank0,
     has_meta,
     materialize,
     rank0_state,
@@ -258,7 +259,7 @@ def _apply_fsdp1(model: nn.Module, units: list[nn.Module], config: FSDPConfig) -
             ) from err
         raise
     if loading:
-        fill_from_rank0(wrapped, full_state)
+        fill_fsdp1_from_rank0(wrapped, full_state)
     return wrapped
 
 

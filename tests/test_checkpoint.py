@@ -407,3 +407,50 @@ def test_ram_efficient_loading_matches_a_normal_load_at_three_ranks(three_ranks,
     assert three_ranks.eval("on") == ["cpu", "meta", "meta"]
     for efficient, normal in zip(three_ranks.eval("efficient"), three_ranks.eval("normal")):
         assert_same_state(efficient, normal)
+
+
+@pytest.mark.timeout(150)
+def test_fsdp_nb_train_resumes_under_torchrun(tmp_path):
+    """`fsdp-nb train --checkpoint_dir ... --checkpoint_every 3`, then `--resume` from step 3: the same losses."""
+    import json
+    import os
+
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text(
+        "model: {size: debug}\ndata: {source: stdlib, max_bytes: 60000}\n"
+        "train: {steps: 6, global_batch_size: 4, lr: 0.003, warmup_steps: 2, log_interval: 0}\n"
+        "fsdp: {fsdp_version: 1, auto_wrap_policy: TRANSFORMER_BASED_WRAP}\n"
+    )
+
+    def train(*extra: str) -> None:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            "-m",
+            "fsdp_nb.cli",
+            "train",
+            "--config",
+            str(run_file),
+            *extra,
+        ]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+    train(
+        "--history",
+        str(tmp_path / "straight.json"),
+        "--checkpoint_dir",
+        str(tmp_path / "ck"),
+        "--checkpoint_every",
+        "3",
+    )
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["step-000003", "step-000006"]
+    train("--history", str(tmp_path / "resumed.json"), "--resume", str(tmp_path / "ck" / "step-000003"))
+    straight = json.loads((tmp_path / "straight.json").read_text())
+    resumed = json.loads((tmp_path / "resumed.json").read_text())
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in straight], abs=1e-6, rel=0)

@@ -18,10 +18,12 @@ from fsdp_nb.checkpoint.save import AsyncCheckpoint, save_checkpoint, wait_pendi
 from fsdp_nb.checkpoint.store import CheckpointError, Manifest, checkpoints_in, inspect, latest
 
 # FSDP1's sharded state dicts are ShardedTensors, which torch 2.13 marks deprecated on every
-# touch, and its state-dict helpers warn about gloo groups with a CPU and a CUDA backend. Both
-# are torch talking to itself: a save would print dozens of lines the user can do nothing about.
+# touch; its state-dict helpers also warn about gloo groups with a CPU and a CUDA backend, and
+# about a private helper they call themselves. That is torch talking to itself: a save would
+# print dozens of lines, with paths into site-packages, that the user can do nothing about.
 warnings.filterwarnings("ignore", message="Please use DTensor instead and we are deprecating ShardedTensor")
 warnings.filterwarnings("ignore", message="Multiple backends are registered with this ProcessGroup")
+warnings.filterwarnings("ignore", message="`_get_pg_default_device` will be deprecated")
 # In one process (merge_weights, a plain model) DCP says at every call that it runs without ranks.
 warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized")
 

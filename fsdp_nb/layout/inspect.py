@@ -35,12 +35,12 @@ def _clean(module_name: str) -> str:
     return clean_tensor_name(module_name + ".").rstrip(".") if module_name else ""
 
 
-def _prefixed(prefix: str, name: str) -> str:
+def prefixed(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
 # ---------------------------------------------------------------- FSDP1 ----
-def _flat_handles(module: nn.Module) -> dict[str, object]:
+def flat_handles(module: nn.Module) -> dict[str, object]:
     """Each FlatParamHandle in `module`, keyed by the clean name of the module it wraps."""
     names = {id(m): n for n, m in module.named_modules()}
     return {_clean(names.get(id(h._fully_sharded_module), "")): h for h in _get_fsdp_handles(module)}
@@ -53,7 +53,7 @@ def _flat_specs(handle, prefix: str) -> tuple[ParamSpec, ...]:
     else:
         grads = [flat.requires_grad] * len(flat._fqns)  # uniform, or FSDP1 would have refused
     return tuple(
-        ParamSpec(name=_prefixed(prefix, fqn), shape=tuple(shape), dtype=handle._orig_param_dtype, requires_grad=g)
+        ParamSpec(name=prefixed(prefix, fqn), shape=tuple(shape), dtype=handle._orig_param_dtype, requires_grad=g)
         for fqn, shape, g in zip(flat._fqns, flat._shapes, grads)
     )
 
@@ -102,7 +102,7 @@ def _fsdp1_layout(handle, prefix: str) -> Fsdp1Layout:
 
 def fsdp1_layouts_of(module: nn.Module) -> dict[str, Fsdp1Layout]:
     """One layout per FlatParameter of an FSDP1 module, keyed by the wrapped module's name ("" = root)."""
-    return {name: _fsdp1_layout(h, name) for name, h in _flat_handles(module).items()}
+    return {name: _fsdp1_layout(h, name) for name, h in flat_handles(module).items()}
 
 
 # ---------------------------------------------------------------- FSDP2 ----
@@ -116,7 +116,7 @@ def _fsdp_params(module: nn.Module) -> list[tuple[str, str, object]]:
         group = m._get_fsdp_state()._fsdp_param_group
         for fp in group.fsdp_params if group is not None else ():
             info = fp._module_info
-            found[_prefixed(names[id(info.module)], info.param_name)] = (names[id(m)], fp)
+            found[prefixed(names[id(info.module)], info.param_name)] = (names[id(m)], fp)
     return [(n, *found[n]) for n, _ in module.named_parameters() if n in found]
 
 
@@ -213,7 +213,7 @@ def specs_of_sharded(module: nn.Module) -> tuple[ParamSpec, ...]:
     """
     if _is_fsdp2(module):
         return tuple(_fsdp2_layout(module).params)
-    specs = [s for name, h in _flat_handles(module).items() for s in _flat_specs(h, name)]
+    specs = [s for name, h in flat_handles(module).items() for s in _flat_specs(h, name)]
     # Nested FlatParameters list their parameters out of order; sort by owning module, pre-order.
     order = {}
     for n, _ in module.named_modules():
