@@ -287,7 +287,12 @@ def _apply_fsdp2(model: nn.Module, units: list[nn.Module], config: FSDPConfig, m
     full_state = rank0_state(model) if loading else None
     for unit in units:  # bottom-up: a unit's parameters leave the root's group
         fully_shard(unit, **kwargs)
-    fully_shard(model, **kwargs)  # the root: everything no unit claimed (tied embeddings too)
+    # The root: everything no unit claimed (tied embeddings too). Its backward starts the moment its
+    # forward ends (the head's gradient comes first), so resharding it after forward only to gather it
+    # again at once is pure cost: with reshard_after_forward=True the root gets torch's root default
+    # (None: kept gathered), as torch itself does when the option is left out.
+    root_reshard = None if kwargs["reshard_after_forward"] is True else kwargs["reshard_after_forward"]
+    fully_shard(model, **{**kwargs, "reshard_after_forward": root_reshard})
     if loading:  # ranks != 0 hold meta shards: allocate them (shards only), then scatter rank 0's weights
         materialize(model, device)
         fill_from_rank0(model, full_state)
