@@ -38,6 +38,8 @@ _LAZY = {
     "load_checkpoint": "fsdp_nb.checkpoint",
     "merge_weights": "fsdp_nb.checkpoint",
     "CheckpointError": "fsdp_nb.checkpoint",
+    "trace_step": "fsdp_nb.trace",
+    "Trace": "fsdp_nb.trace",
 }
 
 __all__ = [
@@ -53,6 +55,7 @@ __all__ = [
     "SessionConfig",
     "SessionError",
     "State",
+    "Trace",
     "TrainConfig",
     "Trainer",
     "check_optimizer",
@@ -62,6 +65,7 @@ __all__ = [
     "merge_weights",
     "save_checkpoint",
     "shard",
+    "trace_step",
     "load_ipython_extension",
     "unload_ipython_extension",
 ]
@@ -79,6 +83,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name load
     from fsdp_nb.session.results import CellResult, RankError
     from fsdp_nb.session.session import Session, State, current_session
     from fsdp_nb.sharding import shard
+    from fsdp_nb.trace import Trace, trace_step
     from fsdp_nb.train import TrainConfig, Trainer
 
 

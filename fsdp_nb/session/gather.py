@@ -1,4 +1,4 @@
-"""Kernel-side reads of live sharded modules in a session: layouts and memory per rank.
+"""Kernel-side reads of live sharded modules in a session: layouts and memory per rank, step traces.
 
 Each rank reads what torch built on that rank (`fsdp_nb.layout.inspect`), the results travel
 back as small dataclasses, and the kernel merges them: a layout whose every shard was
@@ -64,3 +64,31 @@ def comparison(session, name: str, *, use_orig_params: bool = False) -> tuple[Fs
     if isinstance(real, Fsdp1Layout):
         return real, fsdp2_layout(real.params, real.world_size)
     return fsdp1_layout(real.params, real.world_size, use_orig_params=use_orig_params), real
+
+
+def trace(session, name: str, *, steps: int = 1, model: str | None = None, label: str | None = None):
+    """Trace `steps` steps of the Trainer (or step callable) `name` on the ranks; the Trace, from rank 0.
+
+    A step that raises comes back as a RankError with the rank's traceback; the
+    recorder is off again on every rank either way.
+    """
+    from fsdp_nb.session.output import Silent
+
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise SessionError(f"steps={steps!r} is not valid: give a whole number >= 1, e.g. --steps 2")
+    target, model_arg = _check_name(name), f", model={_check_name(model)}" if model else ""
+    code = (
+        f"__import__('fsdp_nb.trace', fromlist=['trace']).trace_step({target}, steps={steps}{model_arg}, "
+        f"label={label or name!r})"
+    )
+    result = session.run(code, output=Silent(), record=False)
+    missing = [r for r, e in result.errors if e.type == "NameError" and name.split(".")[0] in e.message]
+    if missing:
+        raise SessionError(
+            f"{rank_list(missing)} {'has' if len(missing) == 1 else 'have'} no {name!r}; "
+            "make a Trainer (or a function that runs one step) in a %%fsdp cell first"
+        )
+    bad = [e for _, e in result.errors if e.type in ("ValueError", "TypeError") and "trace_step" in e.message]
+    if bad:
+        raise SessionError(bad[0].message)
+    return result.raise_errors().values[0]

@@ -202,6 +202,28 @@ class FSDPMagics(Magics):
             if args.figure:
                 show_figure(viz.plot_memory(reports))
 
+    @magic_arguments()
+    @argument("name", help="a Trainer on the ranks, or a function that runs one training step (then --model)")
+    @argument("--steps", type=int, default=1, help="steps to trace (default 1)")
+    @argument("--model", default=None, help="the sharded model a step function trains")
+    @argument("--label", default=None, help="the trace's name in figures (default: NAME)")
+    @argument("-o", "--output", dest="out_name", default=None, help="keep the Trace in this notebook variable")
+    @argument("--no-figure", dest="figure", action="store_false", help="print the summary only")
+    @line_magic
+    def fsdp_trace(self, line):
+        """Trace training steps on every rank and draw the per-rank timeline: %fsdp_trace trainer --steps 2"""
+        from fsdp_nb.viz.show import show_figure
+        from fsdp_nb.viz.timeline import plot_timeline
+
+        args = parse_argstring(self.fsdp_trace, line)
+        s = self._session()
+        trace = self._guard(lambda: s.trace(args.name, steps=args.steps, model=args.model, label=args.label))
+        if args.out_name:
+            self.shell.user_ns[args.out_name] = trace
+        print(trace.summary())
+        if args.figure:
+            show_figure(plot_timeline(trace))
+
     @line_magic
     def fsdp_export(self, line):
         """Write the cells run so far as a torchrun script: %fsdp_export train.py"""

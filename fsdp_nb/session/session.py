@@ -262,6 +262,13 @@ class Session:
 
         return memory(self, name, optimizer)
 
+    def trace(self, name: str, *, steps: int = 1, model: str | None = None, label: str | None = None):
+        """Trace `steps` training steps of the Trainer `name` on the ranks (or of a step function, with
+        `model=` the name of its sharded model); returns the `fsdp_nb.trace.Trace` of every rank."""
+        from fsdp_nb.session.gather import trace
+
+        return trace(self, name, steps=steps, model=model, label=label)
+
     def interrupt(self) -> None:
         """Raise KeyboardInterrupt in the code running on every rank (idle ranks ignore it)."""
         for rk in self._ranks:

@@ -24,7 +24,7 @@ class Span:
     start: float
     end: float
     phase: str = ""
-    """For collectives: "forward", "backward" or "optimizer", the part of the step it ran in."""
+    """For collectives: "forward", "backward", "optimizer" or "step" (elsewhere in the step)."""
     step: int = 0
     """Which traced step (0-based) the span belongs to."""
 

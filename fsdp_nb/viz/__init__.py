@@ -24,6 +24,7 @@ _LAZY = {
         "fsdp_nb.viz.tables",
     ),
     "explore": "fsdp_nb.viz.explorer",
+    "plot_timeline": "fsdp_nb.viz.timeline",
 }
 __all__ = [
     "draw_fsdp1",
@@ -39,6 +40,7 @@ __all__ = [
     "plot_fsdp1",
     "plot_fsdp2",
     "plot_memory",
+    "plot_timeline",
 ]
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
 
@@ -54,3 +56,4 @@ if TYPE_CHECKING:
         format_problems,
         format_shapes,
     )
+    from fsdp_nb.viz.timeline import plot_timeline
