@@ -14,6 +14,8 @@ and costs about 1%:
   CPU, so a call's duration is the rank's time in it);
 - which unit a collective belongs to: FSDP2's `FSDPParamGroup.unshard` /
   `post_backward`, FSDP1's `FlatParamHandle.unshard` / `_reduce_grad`;
+- waits: FSDP2's `wait_for_unshard`, where a unit waits for its gather and copies
+  it out into the parameters (on CPU gloo the gather is already done: the copy);
 - the optimizer: global optimizer step pre/post hooks;
 - unsharded bytes: the storage of FSDP2's all-gather outputs and FSDP1's
   `_full_param_padded`, sampled at every span boundary.
@@ -185,10 +187,15 @@ class Recorder:
                 recorder._add("backward", name, recorder._open.pop(("backward", name)), _now())
             previous = getattr(recorder._current_unit, "name", "")
             recorder._current_unit.name = name
+            start = _now()
             try:
                 return method(obj, *args, **kwargs)
             finally:
                 recorder._current_unit.name = previous
+                if kind == "wait":  # FSDP2 waiting for a gather and copying it out into the parameters
+                    recorder._add("wait", name, start, _now(), recorder._phase())
+                else:
+                    recorder.sample()  # the gathered buffer exists only once the entry point returns
 
         return named
 
@@ -225,7 +232,11 @@ def _unit_entry_points(version: int) -> list[tuple[object, str, str]]:
     if version == 2:
         from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
 
-        return [(FSDPParamGroup, "unshard", "unshard"), (FSDPParamGroup, "post_backward", "post_backward")]
+        return [
+            (FSDPParamGroup, "unshard", "unshard"),
+            (FSDPParamGroup, "wait_for_unshard", "wait"),
+            (FSDPParamGroup, "post_backward", "post_backward"),
+        ]
     from torch.distributed.fsdp import _runtime_utils
     from torch.distributed.fsdp._flat_param import FlatParamHandle
 
