@@ -241,3 +241,46 @@ def test_trace_step_refuses_what_it_cannot_trace():
         trace_step(42)
     with pytest.raises(ValueError, match="not sharded by FSDP1 or FSDP2"):
         trace_step(lambda: None, model=torch.nn.Linear(2, 2))
+
+
+@pytest.mark.timeout(120)
+def test_trace_step_under_torchrun(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "trace_it.py"
+    script.write_text(
+        textwrap.dedent("""
+        import json, sys, warnings
+        warnings.filterwarnings("ignore")
+        import torch.distributed as dist
+        from fsdp_nb import FSDPConfig, GPT, GPTConfig, TrainConfig, Trainer, trace_step
+        from fsdp_nb.data import ByteBlocks, stdlib_corpus
+        t = Trainer(GPT(GPTConfig.debug(), seed=0), ByteBlocks(stdlib_corpus(60_000), 16),
+                    TrainConfig(steps=5, global_batch_size=4, log_interval=0),
+                    fsdp=FSDPConfig(fsdp_version=2, auto_wrap_policy="TRANSFORMER_BASED_WRAP"))
+        t.history.append(t.train_step(0))
+        trace = trace_step(t, steps=2)
+        if dist.get_rank() == 0:
+            json.dump({"ranks": trace.world_size, "forward": trace.count("all_gather", "forward", step=1),
+                       "backward": trace.count("all_gather", "backward", step=1),
+                       "rs": trace.count("reduce_scatter", rank=1, step=1)}, open(sys.argv[1], "w"))
+        dist.barrier()
+        dist.destroy_process_group()
+    """)
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        str(script),
+        str(tmp_path / "out.json"),
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=100)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((tmp_path / "out.json").read_text()) == {"ranks": 2, "forward": 3, "backward": 2, "rs": 3}
