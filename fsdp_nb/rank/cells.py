@@ -10,8 +10,8 @@ import base64
 import io
 import linecache
 import threading
-import traceback
 
+from fsdp_nb.rank.errors import shorten_paths
 from fsdp_nb.session import protocol as P
 
 FLUSH_BYTES = 8192
@@ -28,33 +28,6 @@ def run_source(source: str, filename: str, ns: dict):
     if tree.body:
         exec(compile(tree, filename, "exec"), ns)
     return eval(compile(last, filename, "eval"), ns) if last is not None else None
-
-
-_TIMEOUT_MARKERS = ("timed out", "timeout", "connection closed by peer", "connection reset by peer")
-
-
-def format_error(e: BaseException) -> P.RemoteError:
-    """The user's view of an exception: frames from the cell down, none of the worker's."""
-    tb = e.__traceback__
-    while tb is not None and not tb.tb_frame.f_code.co_filename.startswith("<cell"):
-        tb = tb.tb_next  # drop worker/run_source frames above the cell
-    text = "".join(traceback.format_exception(type(e), e, tb))
-    msg = str(e)
-    why = _explain(msg)
-    if why:
-        text += f"fsdp_nb explains: {why}\n"
-    stuck = type(e).__name__ in ("DistBackendError", "DistNetworkError") or (
-        isinstance(e, RuntimeError) and any(m in msg.lower() for m in _TIMEOUT_MARKERS)
-    )
-    return P.RemoteError(type(e).__name__, msg.strip().splitlines()[0] if msg.strip() else "", text, stuck)
-
-
-def _explain(message: str) -> str | None:
-    if "flatten" not in message and "FSDP" not in message and "scalar" not in message:
-        return None  # most errors: skip importing the rules
-    from fsdp_nb.layout.rules import explain
-
-    return explain(message)
 
 
 class RankStream(io.TextIOBase):
@@ -96,7 +69,7 @@ class RankStream(io.TextIOBase):
 
     def _flush_locked(self) -> None:
         if self._buf:
-            text = "".join(self._buf)
+            text = shorten_paths("".join(self._buf)) if self.name == "stderr" else "".join(self._buf)
             self._buf.clear()
             self._size = 0
             self._state.send(P.Stream(self._state.request_id, self._state.rank, self.name, text))

@@ -27,7 +27,8 @@ import types
 from typing import NoReturn
 
 from fsdp_nb.rank import events
-from fsdp_nb.rank.cells import RankStream, format_error, mime_bundle, run_source
+from fsdp_nb.rank.cells import RankStream, mime_bundle, run_source
+from fsdp_nb.rank.errors import format_error
 from fsdp_nb.session import protocol as P
 
 WATCHDOG_PERIOD_S = 0.2

@@ -7,10 +7,20 @@ failing rank first; then ranks that died or were stuck, and what to do next.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from fsdp_nb.session import protocol as P
+
+_BRACED = re.compile(r"\{([^{}]*)\}")
+_NUMBER = re.compile(r"\d+")
+
+
+def same_error_key(text: str) -> str:
+    """`text` with set/dict contents sorted and every number replaced: equal for errors that differ by accident."""
+    text = _BRACED.sub(lambda m: "{" + ", ".join(sorted(part.strip() for part in m.group(1).split(","))) + "}", text)
+    return _NUMBER.sub("#", text)
 
 
 def rank_list(ranks) -> str:
@@ -110,10 +120,15 @@ class RankError(Exception):
         return "; ".join(parts) or "cell failed"
 
     def groups(self) -> list[tuple[list[int], P.RemoteError]]:
-        """Identical errors merged, in order of first arrival."""
+        """The same error on several ranks merged, in order of first arrival (in rank order when collated).
+
+        "The same" ignores what differs between ranks by accident: the order in which a set
+        or dict prints (torch prints a set of dtypes in hash order, which differs between
+        processes) and numbers (a rank's own index, its shard's size).
+        """
         groups: dict[str, tuple[list[int], P.RemoteError]] = {}
         for r, e in self.result.errors:
-            groups.setdefault(e.traceback or e.headline(), ([], e))[0].append(r)
+            groups.setdefault(same_error_key(e.traceback or e.headline()), ([], e))[0].append(r)
         return list(groups.values())
 
     def _render_traceback_(self) -> list[str]:

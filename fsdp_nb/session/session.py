@@ -195,8 +195,8 @@ class Session:
         targets = self._targets(ranks)
         cell = next(self._cells)
         out = output if output is not None else printer(collate)
-        if record:
-            self.dashboard.new_cell()  # a user's cell: its own progress bar and plot
+        if record:  # a user's cell: its own progress bar and plot, live unless the output is collated
+            self.dashboard.new_cell(live=not isinstance(out, CollatedPrinter))
         try:
             result = self._request({r: P.Execute(0, source, cell, want_result) for r in targets}, out, source)
         finally:

@@ -7,8 +7,11 @@ text). `Explorer` only wires ipywidgets controls to it; tests drive
 
 from __future__ import annotations
 
+import base64
 import html
 import io
+import re
+import textwrap
 from dataclasses import dataclass, fields
 
 import torch
@@ -73,7 +76,7 @@ def _verdict(layout, version: int, s: ExplorerSettings) -> str:
     """Plain-text verdict: what torch raises and why, or why it works."""
     if layout.raises:
         first = layout.errors[0]
-        return f"FSDP{version}: torch raises {first.when}:\n  {first.raises}\n  why: {first.message}"
+        return _wrapped(f"FSDP{version}: torch raises {first.when}:\n  {first.raises}\n  why: {first.message}")
     lines = [f"FSDP{version}: works."]
     if version == 2:
         lines.append("  Each parameter is its own DTensor sharded on dim 0; no FlatParameter to keep uniform.")
@@ -85,7 +88,16 @@ def _verdict(layout, version: int, s: ExplorerSettings) -> str:
                 "the fp32 layers (the forward still needs matching dtypes, e.g. torch.autocast)."
             )
     lines += [f"  warning: {p.message}" for p in layout.problems if p.severity == "warning"]
-    return "\n".join(lines)
+    return _wrapped("\n".join(lines))
+
+
+def _wrapped(text: str, width: int = 110) -> str:
+    """Long lines folded at word boundaries, continuation lines indented under their line's text."""
+    out = []
+    for line in text.splitlines():
+        indent = " " * (len(line) - len(line.lstrip()) + 2)
+        out.append(textwrap.fill(line, width, subsequent_indent=indent, break_long_words=False) if line else "")
+    return "\n".join(out)
 
 
 def render(s: ExplorerSettings) -> tuple[Figure, str]:
@@ -116,7 +128,12 @@ def svg_markup(fig: Figure) -> str:
     with rc_context({"svg.fonttype": "none"}):
         fig.savefig(buf, format="svg")
     text = buf.getvalue()
-    return text[text.index("<svg") :]  # drop the XML prolog to embed it in HTML
+    svg = text[text.index("<svg") :]  # drop the XML prolog to embed it in HTML
+    # Scale to the output area (the viewBox keeps the proportions): side by side is wider than a
+    # notebook's ~950 px, and a fixed width would be cut off without a scrollbar.
+    head, rest = svg.split(">", 1)
+    head = re.sub(r'\s(width|height)="[^"]*"', "", head) + ' style="width:100%;height:auto"'
+    return head + ">" + rest
 
 
 class Explorer:
@@ -127,10 +144,15 @@ class Explorer:
 
         s = settings or ExplorerSettings()
         self.controls = {
-            "world_size": w.IntSlider(value=s.world_size, min=1, max=8, description="world size"),
-            "d_in": w.IntSlider(value=s.d_in, min=1, max=MAX_DIM, description="l1 in"),
-            "d_hidden": w.IntSlider(value=s.d_hidden, min=1, max=MAX_DIM, description="hidden"),
-            "d_out": w.IntSlider(value=s.d_out, min=1, max=MAX_DIM, description="l3 out"),
+            # continuous_update=False: a drag redraws once, on release, instead of queueing a redraw per pixel
+            "world_size": w.IntSlider(
+                value=s.world_size, min=1, max=8, description="world size", continuous_update=False
+            ),
+            "d_in": w.IntSlider(value=s.d_in, min=1, max=MAX_DIM, description="l1 in", continuous_update=False),
+            "d_hidden": w.IntSlider(
+                value=s.d_hidden, min=1, max=MAX_DIM, description="hidden", continuous_update=False
+            ),
+            "d_out": w.IntSlider(value=s.d_out, min=1, max=MAX_DIM, description="l3 out", continuous_update=False),
             "version": w.ToggleButtons(
                 options=[("FSDP1", "1"), ("FSDP2", "2"), ("side by side", "both")],
                 value=s.version,
@@ -147,6 +169,7 @@ class Explorer:
         self.text = ""
         for control in self.controls.values():
             control.observe(self.update, names="value")
+        self.first = render(s)[0]
         boxes = list(self.controls.values())
         self.widget = w.VBox([w.HBox([w.VBox(boxes[:5]), w.VBox(boxes[5:])]), self.view, self.message])
         self.update()
@@ -158,10 +181,17 @@ class Explorer:
         """Recompute and redraw from the current control values."""
         self.figure, self.text = render(self.settings())
         self.view.value = svg_markup(self.figure)
-        self.message.value = f"<pre>{html.escape(self.text)}</pre>"
+        self.message.value = f'<pre style="white-space:pre-wrap">{html.escape(self.text)}</pre>'
 
     def _repr_mimebundle_(self, **kwargs):
-        return self.widget._repr_mimebundle_(**kwargs)
+        """The live widget, plus a picture of its first state for readers with no kernel (GitHub, nbviewer)."""
+        bundle = self.widget._repr_mimebundle_(**kwargs)
+        data = bundle[0] if isinstance(bundle, tuple) else bundle
+        buf = io.BytesIO()
+        self.first.savefig(buf, format="png", dpi=72)
+        data["image/png"] = base64.b64encode(buf.getvalue()).decode("ascii")
+        data["text/plain"] = "FSDP layout explorer (a picture of its first state): run the cell for the controls"
+        return bundle
 
 
 def explore(**settings) -> Explorer:

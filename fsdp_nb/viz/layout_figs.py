@@ -43,8 +43,12 @@ def _rect(ax: Axes, x, y, w, h, color, gid, *, padding=False, alpha=1.0) -> Rect
     return patch
 
 
-def _label(ax: Axes, x, y, text, width, span, gid):
-    """Write inside a box; narrow boxes get small, rotated text."""
+def _label(ax: Axes, x, y, text, width, span, gid, *, boxed: bool = False):
+    """Write inside a box; narrow boxes get small, rotated text, and the narrowest none at all
+    (rotated labels of neighbouring slivers would run into each other; the legend names them).
+    `boxed` puts the text on a white ground, for labels that lie over other drawing."""
+    if width < 0.03 * span:
+        return
     narrow = width < 0.12 * span
     ax.text(
         x,
@@ -56,6 +60,7 @@ def _label(ax: Axes, x, y, text, width, span, gid):
         rotation=90 if narrow else 0,
         gid=gid,
         clip_on=True,
+        bbox=dict(facecolor="white", edgecolor="none", alpha=0.85, pad=0.6) if boxed else None,
     )
 
 
@@ -194,7 +199,10 @@ def draw_fsdp2(ax: Axes, layout: Fsdp2Layout, *, compact: bool = False) -> None:
                 _rect(ax, x, top - local, width, local, colors[spec.name], gid, alpha=alpha)
                 if labels:
                     shape = (local,) + spec.shape[1:]
-                    _label(ax, r + 0.5, top - local / 2, f"[{start}:{stop}]\n{shape}", width, 1, gid)
+                    # a 1-row shard is shorter than its two-line label: centre it on the padded block, on white
+                    fits = local >= 2 or height == local
+                    label_y = top - local / 2 if fits else y + height / 2
+                    _label(ax, r + 0.5, label_y, f"[{start}:{stop}]\n{shape}", width, 1, gid, boxed=not fits)
             if height > local:
                 gid = f"rank{r}/padding:{spec.name}"
                 _rect(ax, x, y, width, height - local, None, gid, padding=True, alpha=alpha)
@@ -226,21 +234,22 @@ def plot_fsdp1(layout: Fsdp1Layout) -> Figure:
 
 def plot_fsdp2(layout: Fsdp2Layout) -> Figure:
     """Every weight and bias split by rows across ranks, uneven and empty shards included."""
-    fig = _new_figure(2.5 + 1.1 * layout.world_size, min(10.0, 1.5 + 0.18 * sum(layout.padded_rows)))
+    fig = _new_figure(min(9.2, 2.5 + 1.1 * layout.world_size), min(10.0, 1.5 + 0.18 * sum(layout.padded_rows)))
     draw_fsdp2(fig.add_subplot(), layout)
     return fig
 
 
 def plot_comparison(fsdp1: Fsdp1Layout, fsdp2: Fsdp2Layout) -> Figure:
-    """FSDP1 and FSDP2 side by side for the same parameters and world size."""
+    """FSDP1 above FSDP2, for the same parameters and world size, in a notebook's width (about 950 px)."""
     if fsdp1.world_size != fsdp2.world_size:
         raise ValueError(f"plot_comparison: world sizes differ ({fsdp1.world_size} vs {fsdp2.world_size})")
     if {s.name for s in fsdp1.params} != {s.name for s in fsdp2.params}:
         raise ValueError("plot_comparison: the two layouts describe different parameters")
-    rows = min(10.0, 0.18 * sum(fsdp2.padded_rows))  # big models: rows shrink instead of the figure growing
-    fig = _new_figure(15, 1.5 + max(0.55 * (fsdp1.world_size + 1.5), rows))
-    left, right = fig.subplots(1, 2, width_ratios=[3, 2])
-    draw_fsdp1(left, fsdp1)
-    draw_fsdp2(right, fsdp2)
+    rows = min(8.0, 0.18 * sum(fsdp2.padded_rows))  # big models: rows shrink instead of the figure growing
+    top_height = 0.55 * (fsdp1.world_size + 1.5)
+    fig = _new_figure(9.2, 1.6 + top_height + max(rows, 2.5))
+    top, bottom = fig.subplots(2, 1, height_ratios=[top_height, max(rows, 2.5)])
+    draw_fsdp1(top, fsdp1)
+    draw_fsdp2(bottom, fsdp2)
     fig.suptitle(f"Same {len(fsdp1.params)} parameters on {fsdp1.world_size} ranks", fontsize=10)
     return fig

@@ -1,0 +1,171 @@
+"""What a reader sees: figures that fit 950 px, widgets that leave a static trace, errors said once, short paths.
+
+Each test pins down a problem found by trying the tutorials in JupyterLab as a new user would.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from fsdp_nb.layout import fsdp1_layout, fsdp2_layout, specs_of
+from fsdp_nb.models import Layer
+from fsdp_nb.session import protocol as P
+from fsdp_nb.session.dashboard import Dashboard
+from fsdp_nb.session.results import CellResult, RankError, same_error_key
+
+NOTEBOOK_WIDTH_IN = 9.5  # ~950 px at matplotlib's 100 dpi
+
+
+def test_figures_fit_a_notebook_output_area():
+    from fsdp_nb import viz
+
+    specs = specs_of(Layer())
+    for world in (2, 8):
+        figures = [
+            viz.plot_comparison(fsdp1_layout(specs, world), fsdp2_layout(specs, world)),
+            viz.plot_fsdp1(fsdp1_layout(specs, world)),
+            viz.plot_fsdp2(fsdp2_layout(specs, world)),
+        ]
+        for fig in figures:
+            assert fig.get_size_inches()[0] <= NOTEBOOK_WIDTH_IN, fig.get_size_inches()
+
+
+def test_a_one_row_shard_label_sits_on_white_over_the_padded_block():
+    from matplotlib.figure import Figure
+
+    from fsdp_nb.viz.layout_figs import draw_fsdp2
+
+    ax = Figure().add_subplot()
+    draw_fsdp2(ax, fsdp2_layout(specs_of(Layer()), 2))  # l3.weight has 3 rows: 2 on rank 0, 1 on rank 1
+    label = next(t for t in ax.texts if t.get_gid() == "rank1/l3.weight")
+    box = next(p for p in ax.patches if p.get_gid() == "rank1/l3.weight")
+    pad = next(p for p in ax.patches if p.get_gid() == "rank1/padding:l3.weight")
+    assert label.get_bbox_patch() is not None  # white ground: readable over the hatch
+    assert label.get_position()[1] == pytest.approx(pad.get_y() + (pad.get_height() + box.get_height()) / 2)
+
+
+def test_slivers_too_narrow_for_a_label_get_none():
+    from matplotlib.figure import Figure
+
+    from fsdp_nb.viz.layout_figs import draw_fsdp1
+
+    ax = Figure().add_subplot()
+    layout = fsdp1_layout(specs_of(Layer(d_in=40, d_hidden=40, d_out=2)), 8)
+    draw_fsdp1(ax, layout)
+    labelled = {t.get_gid() for t in ax.texts if t.get_gid()}
+    for patch in ax.patches:
+        gid = patch.get_gid() or ""
+        if gid.startswith("rank") and "padding" not in gid:
+            assert (gid in labelled) == (patch.get_width() >= 0.03 * layout.padded_numel), gid
+
+
+def test_explorer_scales_to_its_container_and_leaves_a_picture():
+    from fsdp_nb.viz.explorer import Explorer, ExplorerSettings, svg_markup
+
+    explorer = Explorer(ExplorerSettings(version="both", freeze_l1=True))
+    head = svg_markup(explorer.figure).split(">", 1)[0]
+    assert 'style="width:100%;height:auto"' in head and " width=" not in head and "viewBox" in head
+    bundle = explorer._repr_mimebundle_()
+    data = bundle[0] if isinstance(bundle, tuple) else bundle
+    assert "application/vnd.jupyter.widget-view+json" in data and data["image/png"]
+    assert "run the cell for the controls" in data["text/plain"]
+    assert all(not c.continuous_update for c in explorer.controls.values() if hasattr(c, "continuous_update"))
+    assert max(len(line) for line in explorer.text.splitlines()) <= 110
+    assert not re.search(r"\w-\n", explorer.text)  # folded at spaces, never inside a word
+
+
+def test_dashboard_leaves_a_static_picture_and_line_with_integer_steps():
+    dash = Dashboard(widgets=True)
+    dash.new_cell(live=False)  # collated: no widget at all
+    for step in (1, 2, 3):
+        dash(0, "progress", {"step": step, "total": 3, "desc": "train"})
+        dash(0, "metrics", {"step": step, "loss": 1.0 / step, "run": "FSDP1"})
+        dash(0, "metrics", {"step": step, "loss": 1.0 / step, "run": "FSDP2"})
+    bundle = dash.static_bundle()
+    assert bundle["text/plain"] == "progress: 3/3 train; live plot to step 3"
+    assert bundle["image/png"]
+    ax = dash.figure().axes[0]
+    assert ax.get_xlim() == (0.5, 3.5)  # fixed by the progress total: no rescaling as steps arrive
+    assert all(float(t).is_integer() for t in ax.get_xticks())
+    fsdp1, fsdp2 = [line for line in ax.lines if line.get_label().endswith("rank 0")]
+    assert fsdp1.get_linestyle() != fsdp2.get_linestyle()  # identical curves stay visible
+    assert dash.bar is None  # collated cells never build widgets
+
+
+def test_dashboard_single_point_is_drawn_as_a_marker():
+    dash = Dashboard(widgets=False)
+    dash(0, "metrics", {"step": 1, "loss": 2.0})
+    line = dash.figure().axes[0].lines[0]
+    assert line.get_marker() == "o"
+
+
+def _error(text: str, etype: str = "RuntimeError") -> P.RemoteError:
+    return P.RemoteError(etype, text.splitlines()[0], text)
+
+
+def test_errors_differing_only_by_set_order_or_rank_numbers_merge():
+    a = "AssertionError: FSDP expects uniform dtype but got {torch.float32, torch.bfloat16}\n"
+    b = "AssertionError: FSDP expects uniform dtype but got {torch.bfloat16, torch.float32}\n"
+    assert same_error_key(a) == same_error_key(b)
+    assert same_error_key("rank 0 has 12 rows") == same_error_key("rank 1 has 11 rows")
+    assert same_error_key("ValueError: x") != same_error_key("TypeError: x")
+    result = CellResult(ranks=[0, 1], world_size=2)
+    for r, text in enumerate((a, b)):
+        result.dones[r] = P.Done(1, r, error=_error(text, "AssertionError"))
+        result.order.append(r)
+    assert [ranks for ranks, _ in RankError(result).groups()] == [[0, 1]]
+
+
+def _raise_in(code: str):
+    ns: dict = {}
+    try:
+        exec(compile(code, "<cell 1>", "exec"), ns)
+    except BaseException as e:  # noqa: BLE001
+        return e
+    raise AssertionError("no exception")
+
+
+def test_rank_tracebacks_are_short_and_say_things_once():
+    from fsdp_nb.rank.errors import format_error
+
+    # A cause that the final message quotes is not printed again.
+    e = _raise_in(
+        "try:\n    raise ValueError('Must flatten tensors with uniform dtype')\n"
+        "except ValueError as err:\n    raise RuntimeError(f'wrapped (torch said: {err})') from err\n"
+    )
+    text = format_error(e).traceback
+    assert text.count("Must flatten tensors with uniform dtype") == 1 and "direct cause" not in text
+    # Paths of this machine are cut to their meaningful tail.
+    e = _raise_in("import torch\ntorch.zeros(2).view(3)")
+    text = format_error(e).traceback
+    assert "site-packages/torch/" in text or "<cell 1>" in text
+    assert not re.search(r'File "/', text), text  # no absolute path
+
+
+def test_an_interrupt_shows_no_frame_of_fsdp_nb_machinery():
+    from fsdp_nb.rank import worker
+    from fsdp_nb.rank.errors import format_error
+
+    state = worker._Rank(0, 1, conn=None)
+    state.executing = True
+    e = _raise_in_with(lambda: state.on_sigint(2, None))
+    assert "fsdp_nb/rank/worker.py" not in format_error(e).traceback  # the handler that raised is not shown
+
+
+def _raise_in_with(fn):
+    ns = {"fn": fn}
+    try:
+        exec(compile("fn()", "<cell 1>", "exec"), ns)
+    except BaseException as e:  # noqa: BLE001
+        return e
+    raise AssertionError("no exception")
+
+
+def test_stderr_from_ranks_has_short_paths():
+    from fsdp_nb.rank.errors import shorten_paths
+
+    torch_file = torch.__file__
+    assert shorten_paths(f"warning in {torch_file}:3").startswith("warning in site-packages/torch/__init__.py")
