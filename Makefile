@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: test lint format lab install bench clean
+.PHONY: test lint format lab install bench e2e figures clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,16 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
+
+# The tutorials in JupyterLab in a real browser (Debian's chromium, Playwright); not part of `make test`.
+e2e: $(STAMP)
+	@$(PY) -c "import playwright" 2>/dev/null || (echo "make e2e needs Playwright for Python: $(PY) -m pip install playwright (never 'playwright install': it uses /usr/bin/chromium)"; exit 2)
+	@test -x /usr/bin/chromium || (echo "make e2e needs Chromium: apt-get install chromium"; exit 2)
+	$(PY) e2e/run.py
+
+# The README's picture, drawn from the code.
+figures: $(STAMP)
+	$(PY) docs/make_figures.py
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/

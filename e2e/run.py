@@ -57,16 +57,23 @@ class Lab:
         shutil.copytree(ROOT / "notebooks", self.dir / "notebooks")
         shutil.copytree(ROOT / "examples", self.dir / "examples")  # tutorials read ../examples
         self.port, self.token = free_port(), secrets.token_hex(16)
-        env = {
-            **os.environ,
-            "OMP_NUM_THREADS": "1",
-            "FSDP_NB_COLLATE": "1",
-            "JUPYTER_CONFIG_DIR": str(self.dir / "cfg"),
-        }
-        cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={self.port}",
-               f"--IdentityProvider.token={self.token}", f"--ServerApp.root_dir={self.dir / 'notebooks'}",
-               "--ServerApp.disable_check_xsrf=True", "--LabApp.news_url=", "--LabServerApp.extra_labextensions_path="]  # fmt: skip
-        self.log = open(self.dir / "lab.log", "w")
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "JUPYTER_CONFIG_DIR": str(self.dir / "cfg")}
+        env.pop("FSDP_NB_COLLATE", None)  # live output, as a user gets it
+        cmd = [
+            sys.executable,
+            "-m",
+            "jupyterlab",
+            "--no-browser",
+            "--ip=127.0.0.1",
+            f"--port={self.port}",
+            f"--IdentityProvider.token={self.token}",
+            f"--ServerApp.root_dir={self.dir / 'notebooks'}",
+            "--ServerApp.disable_check_xsrf=True",
+            "--LabApp.extension_manager=readonly",  # no registry lookups from a machine without internet
+        ]
+        if os.geteuid() == 0:
+            cmd.append("--allow-root")  # a container or CI runs as root
+        self.log = open(OUT / "lab.log", "w")
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -76,27 +83,51 @@ class Lab:
             except OSError:
                 time.sleep(0.5)
         self.stop()
-        sys.exit(f"make e2e: JupyterLab did not start; see {self.dir / 'lab.log'}")
+        sys.exit(f"make e2e: JupyterLab did not start; see {OUT.relative_to(ROOT) / 'lab.log'}")
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def stop(self) -> None:
+    def stop(self) -> list[int]:
+        """Stop the server (it shuts its kernels down, whose ranks follow), then anything left working
+        in the copy, by PID; returns the PIDs that had to be killed that way."""
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)  # the server and the kernels it started
+            os.killpg(self.proc.pid, signal.SIGTERM)
             try:
-                self.proc.wait(10)
+                self.proc.wait(15)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
+        time.sleep(2)  # ranks exit within a second of their kernel
+        stragglers = self.processes()
+        for pid in stragglers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+        return stragglers
+
+    def processes(self) -> list[int]:
+        """PIDs of processes working in the copy of the notebooks: kernels and their ranks."""
+        found = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    if os.readlink(entry / "cwd").startswith(str(self.dir)):
+                        found.append(int(entry.name))
+                except OSError:
+                    continue
+        return found
 
 
+PANEL = ".jp-NotebookPanel:not(.lm-mod-hidden)"  # the notebook in front
 CHECK_OUTPUTS = """() => {
+  const PANEL = '.jp-NotebookPanel:not(.lm-mod-hidden)';
   const problems = [];
-  for (const cell of document.querySelectorAll('.jp-CodeCell')) {
-    const index = [...document.querySelectorAll('.jp-Notebook .jp-Cell')].indexOf(cell);
+  for (const cell of document.querySelectorAll(PANEL + ' .jp-CodeCell')) {
+    const index = [...document.querySelectorAll(PANEL + ' .jp-Cell')].indexOf(cell);
     const raises = cell.dataset.raises === 'yes';
     for (const out of cell.querySelectorAll('.jp-OutputArea-output')) {
       const text = out.innerText || '';
@@ -113,17 +144,25 @@ CHECK_OUTPUTS = """() => {
 
 
 def run_notebook(page, lab: Lab, name: str, tags: dict) -> list[str]:
-    page.goto(f"{lab.url}/lab/tree/{name}?token={lab.token}")
+    page.goto(f"{lab.url}/lab/tree/{name}?reset&token={lab.token}")  # reset: only this notebook open
     page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
     page.wait_for_function("() => document.querySelector('.jp-Notebook-ExecutionIndicator, .jp-Toolbar') !== null")
     time.sleep(2)
     # mark the cells tagged raises-exception, so their (intended) errors are not counted
-    page.evaluate("""(raising) => {
-      const cells = [...document.querySelectorAll('.jp-Notebook .jp-Cell')];
+    page.evaluate(
+        """(raising) => {
+      const cells = [...document.querySelectorAll('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-Cell')];
       raising.forEach(i => { if (cells[i]) cells[i].dataset.raises = 'yes'; });
-    }""", tags["raises"])  # fmt: skip
+    }""",
+        tags["raises"],
+    )
+    problems = []
+    if page.locator(".lm-TabBar-tab.jp-mod-dirty, .lm-TabBar-tab.jp-mod-current.jp-mod-dirty").count():
+        problems.append(f"{name}: shows as modified as soon as it opens")
+    for button in page.locator(".jp-toast-button", has_text="No").all():  # the news question, in the way
+        button.click()
     page.keyboard.press("Escape")
-    page.click(".jp-Notebook")
+    page.locator(f"{PANEL} .jp-Notebook").click()
     page.keyboard.press("Control+Shift+c")  # the command palette
     page.fill(".lm-CommandPalette-input", "Run All Cells")
     page.keyboard.press("Enter")
@@ -139,16 +178,24 @@ def run_notebook(page, lab: Lab, name: str, tags: dict) -> list[str]:
     else:
         return [f"{name}: still running after {CELL_TIMEOUT_S * 3} s"]
     time.sleep(2)  # widgets render after the last message
-    page.evaluate("""(raising) => {
-      const cells = [...document.querySelectorAll('.jp-Notebook .jp-Cell')];
+    page.evaluate(
+        """(raising) => {
+      const cells = [...document.querySelectorAll('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-Cell')];
       raising.forEach(i => { if (cells[i]) cells[i].dataset.raises = 'yes'; });
-    }""", tags["raises"])  # fmt: skip
-    problems = [f"{name}: {p}" for p in page.evaluate(CHECK_OUTPUTS)]
+    }""",
+        tags["raises"],
+    )
+    problems += [f"{name}: {p}" for p in page.evaluate(CHECK_OUTPUTS)]
     stem = Path(name).stem
-    page.screenshot(path=str(OUT / f"{stem}-top.png"))
-    page.evaluate("() => document.querySelector('.jp-WindowedPanel-outer, .jp-Notebook').scrollTo(0, 1e9)")
+    scroller = f"document.querySelector('{PANEL} .jp-WindowedPanel-outer')"
+    page.evaluate(f"() => ({scroller}).scrollTo(0, 0)")
     time.sleep(1)
-    page.screenshot(path=str(OUT / f"{stem}-bottom.png"))
+    page.screenshot(path=str(OUT / f"{stem}-top.png"))
+    height = page.evaluate(f"() => ({scroller}).scrollHeight")
+    for k, y in enumerate(range(900, height, 900), 1):  # the rest, a screen at a time
+        page.evaluate(f"() => ({scroller}).scrollTo(0, {y})")
+        time.sleep(0.5)
+        page.screenshot(path=str(OUT / f"{stem}-{k:02d}.png"))
     return problems
 
 
@@ -202,9 +249,18 @@ def main() -> None:
     problems: list[str] = []
     try:
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                "--disable-sync", "--no-first-run"])  # fmt: skip
+            browser = pw.chromium.launch(
+                executable_path=CHROMIUM,
+                headless=True,
+                args=[
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                    "--disable-sync",
+                    "--no-first-run",
+                ],
+            )
             for path in notebooks:
                 page = browser.new_page(viewport=WINDOW)
                 t0 = time.monotonic()
@@ -217,7 +273,9 @@ def main() -> None:
                 page.close()
             browser.close()
     finally:
-        lab.stop()
+        stragglers = lab.stop()
+    if stragglers:
+        problems.append(f"processes left behind after JupyterLab stopped (killed): {stragglers}")
     for p in problems:
         print(f"  - {p}")
     print(f"screenshots: {OUT.relative_to(ROOT)}/")

@@ -69,3 +69,15 @@ def test_binder_installs_what_pyproject_asks_with_a_supported_python():
     assert version >= low, f"{runtime} is below requires-python {project['requires-python']}"
     deps = {re.split(r"[<>=!\[ ]", d)[0].lower() for d in project["dependencies"]}
     assert {"torch", "ipywidgets", "jupyterlab", "matplotlib"} <= deps
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_a_notebook_opens_unmodified(path):
+    """JupyterLab rewrites a kernelspec that differs from the kernel's own, and marks the notebook modified."""
+    nb = json.loads(path.read_text())
+    assert nb["metadata"]["kernelspec"] == {
+        "display_name": "Python 3 (ipykernel)",
+        "language": "python",
+        "name": "python3",
+    }
+    assert (nb["nbformat"], nb["nbformat_minor"]) >= (4, 5) and all("id" in c for c in nb["cells"])
