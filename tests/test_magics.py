@@ -133,6 +133,7 @@ def test_broken_session_suggests_restart_then_restart_works(ipshell, session, ca
 
 def test_progress_and_metrics_events_drive_the_dashboard(ipshell, session):
     dash = session.dashboard  # the dashboard belongs to the session
+    dash.series.clear()  # the shared session's curves from earlier tests
     dash.widgets = True  # what a Jupyter kernel uses
     try:
         ipshell.run_cell_magic(

@@ -133,10 +133,20 @@ class RankError(Exception):
 
     def _render_traceback_(self) -> list[str]:
         lines: list[str] = []
+        errors = dict(self.result.errors)
         for ranks, err in self.groups():
             lines.append(f"[{rank_list(ranks)}] {err.headline()}")
             body = err.traceback.rstrip("\n") if err.traceback else err.headline()
             lines.extend("  " + ln for ln in body.splitlines())
+            others = [
+                r for r in ranks if (errors[r].traceback or errors[r].headline()) != (err.traceback or err.headline())
+            ]
+            if others:  # merged, but not word for word: say whose words these are
+                shown = next(r for r in ranks if errors[r] is err)
+                lines.append(
+                    f"  (rank {shown}'s message; {rank_list(others)} said the same with other numbers "
+                    "or another set order)"
+                )
         res = self.result
         for r, why in sorted(res.died.items()):
             lines.append(f"[rank {r}] {why}")
