@@ -81,3 +81,26 @@ def test_a_notebook_opens_unmodified(path):
         "name": "python3",
     }
     assert (nb["nbformat"], nb["nbformat_minor"]) >= (4, 5) and all("id" in c for c in nb["cells"])
+
+
+def _repo2docker() -> str | None:
+    import shutil
+
+    return shutil.which("repo2docker")  # pip install jupyter-repo2docker, anywhere on PATH
+
+
+@pytest.mark.skipif(_repo2docker() is None, reason="jupyter-repo2docker is not installed (optional)")
+def test_repo2docker_builds_python_311_with_cpu_torch(tmp_path):
+    """What Binder would build, without building it: repo2docker's Dockerfile for this repository."""
+    import subprocess
+
+    done = subprocess.run(
+        [_repo2docker(), "--no-build", "--debug", str(ROOT)], capture_output=True, text=True, timeout=300
+    )
+    text = done.stdout + done.stderr
+    assert done.returncode == 0, text[-2000:]
+    runtime = (ROOT / "binder" / "runtime.txt").read_text().strip().removeprefix("python-")
+    assert f"python={runtime}" in text
+    assert 'pip install --no-cache-dir -r "binder/requirements.txt"' in text
+    requirements = (ROOT / "binder" / "requirements.txt").read_text()
+    assert "download.pytorch.org/whl/cpu" in requirements and "torch==" in requirements
