@@ -186,7 +186,7 @@ def free_port() -> int:
 
 def report(single: dict, per_rank: list[dict], full_bytes: int, args) -> None:
     """Print the tables (the parent process is the only one that prints)."""
-    ddp = per_rank[0]["ddp"]["median_s"]
+    ddp = max(r["ddp"]["median_s"] for r in per_rank)  # like every row: the slowest rank
     print(
         f"GPT n_layer={args.layers} n_embd={args.width} block={args.block}, global batch {args.batch}, "
         f"{WORLD_SIZE} ranks x 1 thread, median of {args.steps} steps after {args.warmup} warm-up"
