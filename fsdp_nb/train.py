@@ -22,7 +22,6 @@ Rank-0 side effects (progress, printed lines) go through `Trainer._report` only.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from torch import nn
 
 from fsdp_nb.data import ByteBlocks, ShardedBatches, check_batch_split
 from fsdp_nb.layout.inspect import memory_of
+from fsdp_nb.optim import clip_sharded_grads, lr_at, make_adamw
 from fsdp_nb.rank import events
 from fsdp_nb.sharding import fsdp_version_of
 from fsdp_nb.validate import is_int
@@ -94,56 +94,6 @@ class TrainConfig:
         if self.clip_norm is not None and not self.clip_norm > 0:
             raise ValueError(f"TrainConfig: clip_norm={self.clip_norm!r} must be > 0 or None")
         object.__setattr__(self, "betas", tuple(self.betas))
-
-
-def lr_at(step: int, config: TrainConfig) -> float:
-    """Learning rate for 0-based `step`: linear warm-up, then cosine to min_lr (or constant)."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    if config.schedule == "constant":
-        return config.lr
-    decay_steps = max(1, config.steps - config.warmup_steps - 1)
-    progress = min(1.0, (step - config.warmup_steps) / decay_steps)
-    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
-
-
-def make_adamw(params: list, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over `params`, fused into one kernel per dtype where torch has one (CPU and CUDA do).
-
-    Unfused AdamW on CPU steps each parameter one op at a time: with FSDP2's one
-    DTensor per parameter that was the largest gap to FSDP1's few FlatParameters in
-    the step timelines (about 9 ms against 1.5 ms on the 2-rank benchmark GPT). The
-    fused kernel is elementwise, so a shard gets the same update as in one process.
-    """
-    kwargs = dict(lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
-    if all(p.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64) for p in params):
-        try:
-            return torch.optim.AdamW(params, fused=True, **kwargs)
-        except (RuntimeError, ValueError):  # a device or dtype without a fused kernel
-            pass
-    return torch.optim.AdamW(params, foreach=True, **kwargs)
-
-
-def clip_sharded_grads(grads: list, max_norm: float) -> float:
-    """Global 2-norm of FSDP2's sharded gradients, clipped to `max_norm`; the same as
-    `clip_grad_norm_` over the DTensors, without their per-parameter dispatch.
-
-    Every FSDP2 gradient is a DTensor sharded on dim 0, so the squares of the local
-    shards summed over ranks are the squares of the whole gradient: one foreach
-    kernel, one all-reduce. Through DTensor, the same norm took 28 dispatches and
-    several collectives per step (about 4 ms of the 2-rank benchmark's step).
-    """
-    local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
-    if not local:
-        return 0.0
-    squares = torch.stack(torch._foreach_norm(local)).pow(2).sum()  # this rank's share of |g|^2
-    if dist.is_initialized():
-        dist.all_reduce(squares)
-    norm = squares.sqrt()
-    if max_norm != float("inf"):
-        scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        torch._foreach_mul_(local, scale)
-    return float(norm)
 
 
 def init_distributed() -> tuple[int, int]:

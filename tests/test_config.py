@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch.distributed.fsdp import BackwardPrefetch, ShardingStrategy, StateDictType
 
-from fsdp_nb.config import FSDPConfig, MixedPrecision, parse_bool
+from fsdp_nb.config import FSDPConfig, MixedPrecision
+from fsdp_nb.validate import parse_bool
 
 BOOL_FIELDS = (
     "forward_prefetch",
