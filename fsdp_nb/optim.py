@@ -1,5 +1,8 @@
 """The optimizer side of a training step: the learning-rate schedule, AdamW, the global gradient norm.
 
+`config` below is a `fsdp_nb.train.TrainConfig` (read for its fields only, so this
+module does not import the loop that imports it).
+
 Kept apart from the loop (train.py) because each is a choice the step timelines
 measured: which AdamW kernel, and how the norm of FSDP2's sharded gradients is taken.
 """
@@ -7,16 +10,12 @@ measured: which AdamW kernel, and how the norm of FSDP2's sharded gradients is t
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
-if TYPE_CHECKING:
-    from fsdp_nb.train import TrainConfig
 
-
-def lr_at(step: int, config: TrainConfig) -> float:
+def lr_at(step: int, config) -> float:
     """Learning rate for 0-based `step`: linear warm-up, then cosine to min_lr (or constant)."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
@@ -27,7 +26,7 @@ def lr_at(step: int, config: TrainConfig) -> float:
     return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def make_adamw(params: list, config: TrainConfig) -> torch.optim.Optimizer:
+def make_adamw(params: list, config) -> torch.optim.Optimizer:
     """AdamW over `params`, fused into one kernel per dtype where torch has one (CPU and CUDA do).
 
     Unfused AdamW on CPU steps each parameter one op at a time: with FSDP2's one
