@@ -77,7 +77,8 @@ def dump_yaml(document) -> str:
     from ruamel.yaml import YAML
 
     yaml = YAML(typ="rt")
-    yaml.indent(mapping=2, sequence=4, offset=2)
+    indent = _mapping_indent(document)  # the file's own indentation, which its comments were written at
+    yaml.indent(mapping=indent, sequence=indent + 2, offset=indent)
     yaml.representer.add_representer(str, _represent_str)
     out = io.StringIO()
     yaml.dump(document, out)
@@ -91,6 +92,15 @@ _YAML11_WORDS = {"y", "yes", "n", "no", "on", "off", "true", "false", "null", "~
 def _represent_str(representer, value: str):
     plain = value.lower() not in _YAML11_WORDS and not value.replace(".", "", 1).lstrip("-+").isdigit()
     return representer.represent_scalar("tag:yaml.org,2002:str", value, style=None if plain else "'")
+
+
+def _mapping_indent(document) -> int:
+    """How far the file indented its nested mappings (2 unless it says otherwise)."""
+    for value in getattr(document, "values", lambda: [])():
+        columns = [pos[1] for pos in getattr(getattr(value, "lc", None), "data", {}).values() if pos]
+        if columns:
+            return min(columns)
+    return 2
 
 
 def reshard_value(key: str, value: Any) -> tuple[Any, str | None]:
@@ -133,6 +143,7 @@ def convert_to_fsdp2(config: Mapping[str, Any]) -> tuple[Any, list[str]]:
             "set fsdp_version: 1 and run the conversion again)"
         ]
     notes: list[str] = []
+    described = _described(block)  # before any edit moves a comment
     converted: set[str] = set()  # target keys written so far, in the order they were met
     for key in list(block):
         if key not in block or key in converted:
@@ -145,7 +156,7 @@ def convert_to_fsdp2(config: Mapping[str, Any]) -> tuple[Any, list[str]]:
                     "fsdp_forward_prefetch: fsdp_nb does implement it for FSDP2; "
                     "add `fsdp_forward_prefetch: true` back to use it with fsdp_nb"
                 )
-            _drop(block, key)
+            _drop(block, key, key in described)
             continue
         if key not in RENAMED_IN_FSDP2:
             if key == "fsdp_state_dict_type" and str(value).upper() == "LOCAL_STATE_DICT":
@@ -165,7 +176,7 @@ def convert_to_fsdp2(config: Mapping[str, Any]) -> tuple[Any, list[str]]:
                     f"from {key} (the later key wins)"
                 )
             block[target] = new_value
-            _drop(block, key)
+            _drop(block, key, key in described)
             continue
         if target != key and target in block:  # the target comes later: convert it here, where the first key stands
             later_value, later_note = reshard_value(target, block[target])
@@ -176,10 +187,13 @@ def convert_to_fsdp2(config: Mapping[str, Any]) -> tuple[Any, list[str]]:
                     f"{target}: {new_value!r} from {key} replaced by {later_value!r} from {target} (the later key wins)"
                 )
             new_value = later_value
-            _drop(block, target)
+            _drop(block, target, target in described)
         _rename(block, key, target, new_value)
         converted.add(target)
     block["fsdp_version"] = 2  # in place if present, else appended, as in Accelerate
+    slot = getattr(new, "ca", None) and new.ca.items.get("fsdp_config")
+    if slot and slot[3] is not None and getattr(block, "ca", None) is not None:
+        slot[3] = (block.ca.comment or [None, None])[1] or []  # ruamel prints the block's first lines from here
     notes.append("fsdp_version: set to 2")
     return new, notes
 
@@ -203,7 +217,7 @@ def _rename(block, key: str, new_key: str, value: Any) -> None:
         if comment:
             if comment[2] is not None and not comment[2].value.startswith("\n"):  # an end-of-line comment:
                 shown = str(value).lower() if isinstance(value, bool) else str(value)  # keep it two spaces
-                column = _indent_of(block, comment[2]) + len(f"{new_key}: {shown}") + 2  # after the new value
+                column = _indent_of(block) + len(f"{new_key}: {shown}") + 2  # after the new value
                 comment = [*comment[:2], _token(comment[2].value, comment[2], column), *comment[3:]]
             block.ca.items[new_key] = comment
         return
@@ -213,42 +227,69 @@ def _rename(block, key: str, new_key: str, value: Any) -> None:
     block.update(items)
 
 
-def _drop(block, key: str) -> None:
-    """Delete `key`, keeping every comment. A key with an end-of-line comment stays as a
-    commented-out line (`# key: value  # comment`), so the comment keeps its subject."""
+def _described(block) -> set[str]:
+    """Keys that carry a comment, above them or at the end of their line, in the block as read."""
     ca = getattr(block, "ca", None)
-    token = ca.items.pop(key, [None, None, None, None])[2] if ca is not None else None
+    if ca is None:
+        return set()
+    keys, found = list(block), set()
+    for i, key in enumerate(keys):
+        own = ca.items.get(key, [None, None, None, None])[2]
+        if own is not None and own.value.partition("\n")[0].strip():
+            found.add(key)
+        if i == 0:
+            above = any(tok.value.strip() for tok in ((ca.comment or [None, None])[1] or []))
+        else:
+            held = ca.items.get(keys[i - 1], [None, None, None, None])[2]
+            above = held is not None and bool(held.value.partition("\n")[2].strip())
+        if above:
+            found.add(key)
+    return found
+
+
+def _drop(block, key: str, described: bool = False) -> None:
+    """Delete `key`, keeping every comment with its subject: a key that had comments (`described`:
+    above it or at its end) stays as a commented-out line `# key: value  # comment`, under them."""
+    ca = getattr(block, "ca", None)
     keys = list(block)
     position = keys.index(key)
     value = block.pop(key)
-    if token is None or not token.value.strip():
+    if ca is None:
         return
-    own, _, following = token.value.partition("\n")
-    indent = " " * _indent_of(block, token)
-    shown = str(value).lower() if isinstance(value, bool) else value
-    text = (f"{indent}# {key}: {shown}  {own.strip()}\n" if own.strip() else "") + following
-    if position == 0:  # no key above: the lines go before the block
-        before = (ca.comment or [None, None]) if ca.comment else [None, None]
-        tokens = list(before[1] or [])
-        tokens.append(_token(text, token))
-        ca.comment = [before[0], tokens]
-        return
-    above = keys[position - 1]
-    slot = ca.items.setdefault(above, [None, None, None, None])
-    if slot[2] is None:
-        slot[2] = _token("\n" + text, token)
+    indent = " " * _indent_of(block)
+    own_token = ca.items.pop(key, [None, None, None, None])[2]
+    own, _, following = (own_token.value if own_token is not None else "").partition("\n")
+    # The lines above `key` are held by the key above it (after that key's own end-of-line comment),
+    # or, for the block's first key, by the block itself.
+    if position == 0:
+        pre = (ca.comment or [None, None])[1] or []
+        leading = "".join(indent + tok.value.lstrip(" ") for tok in pre if tok.value.strip())
+        head = ""
     else:
-        slot[2] = _token(slot[2].value + text, slot[2])  # the key above keeps its own column
+        above = ca.items.setdefault(keys[position - 1], [None, None, None, None])
+        held = above[2].value if above[2] is not None else ""
+        head, _, leading = held.partition("\n")
+    shown = str(value).lower() if isinstance(value, bool) else value
+    commented = f"{indent}# {key}: {shown}" + (f"  {own.strip()}" if own.strip() else "") + "\n"
+    text = (leading + commented if described else leading) + following
+    if position == 0:
+        pre = (ca.comment or [None, None])[1] or []
+        if pre:  # these token objects are shared with the parent mapping's slot for this block: edit in place
+            pre[0].value = text.lstrip(" ")  # printed at the token's own column; later lines carry their indent
+            for tok in pre[1:]:
+                tok.value = ""
+        elif text.strip():
+            ca.comment = [(ca.comment or [None, None])[0], [_token(text.lstrip(" "), None, len(indent))]]
+    elif head or text.strip():
+        column = above[2].column if above[2] is not None else 0  # the key above keeps its comment's column
+        above[2] = _token(head + "\n" + text, None, column)
 
 
-def _indent_of(block, token) -> int:
+def _indent_of(block) -> int:
     """The column the block's keys start at (where a full-line comment belongs)."""
     lc = getattr(block, "lc", None)
-    if lc is not None and getattr(lc, "data", None):
-        first = next(iter(lc.data.values()), None)
-        if first:
-            return first[1]
-    return getattr(token, "column", 0)
+    columns = [pos[1] for pos in getattr(lc, "data", {}).values() if pos]
+    return min(columns) if columns else 2
 
 
 def _token(text: str, like, column: int | None = None):

@@ -99,7 +99,11 @@ def fill_fsdp1_from_rank0(model: nn.Module, full_state: dict | None) -> None:
             for fqn, shape, info in zip(flat._fqns, flat._shapes, flat._shard_param_infos):
                 name = prefixed(prefix, fqn)
                 flattened.add(name)
-                full = full_state[name].to(flat.dtype) if rank == 0 else torch.empty(shape, dtype=flat.dtype)
+                device = flat.device  # nccl moves only tensors on the rank's GPU
+                if rank == 0:
+                    full = full_state[name].to(device=device, dtype=flat.dtype)
+                else:
+                    full = torch.empty(shape, dtype=flat.dtype, device=device)
                 dist.broadcast(full, src=0)
                 if info.in_shard:  # elements [start, end] of the parameter sit at offset_in_shard of this shard
                     start, end = info.intra_param_start_idx, info.intra_param_end_idx

@@ -255,7 +255,7 @@ def _apply_fsdp1(model: nn.Module, units: list[nn.Module], config: FSDPConfig) -
                 "FlatParameter, which has a single requires_grad flag, so a unit cannot mix "
                 "frozen and trainable parameters. Use use_orig_params=True, or FSDP2 "
                 "(fsdp_version=2), which keeps one DTensor per parameter. "
-                f"(torch said: {err})"
+                "(torch's own error is the cause, shown above.)"
             ) from err
         raise
     if loading:

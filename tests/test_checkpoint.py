@@ -454,3 +454,39 @@ def test_fsdp_nb_train_resumes_under_torchrun(tmp_path):
     resumed = json.loads((tmp_path / "resumed.json").read_text())
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in straight], abs=1e-6, rel=0)
+
+
+def test_a_save_replaces_only_an_older_checkpoint(tmp_path):
+    """In one process: a directory of other things at the path is refused, untouched."""
+    model = torch.nn.Linear(3, 2)
+    (tmp_path / "ckpts").mkdir()
+    (tmp_path / "ckpts" / "notes.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="is a directory that is not a checkpoint"):
+        save_checkpoint(model, None, tmp_path / "ckpts")
+    assert (tmp_path / "ckpts" / "notes.txt").read_text() == "mine"
+    save_checkpoint(model, None, tmp_path / "ok")
+    save_checkpoint(model, None, tmp_path / "ok")  # an older checkpoint: replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpts", "ok"]
+
+
+def test_an_async_save_keeps_extra_as_of_the_call_and_reports_its_error_once(tmp_path, monkeypatch):
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    from fsdp_nb.checkpoint import inspect
+
+    model = torch.nn.Linear(3, 2)
+    history = [1, 2]
+    save_checkpoint(model, None, tmp_path / "a", async_save=True, extra={"history": history}).wait()
+    history.append(3)  # after the call: not part of the checkpoint
+    assert inspect(tmp_path / "a").extra == {"history": [1, 2]}
+
+    def full_disk(self, plan, planner):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", full_disk)
+    handle = save_checkpoint(model, None, tmp_path / "b", async_save=True)
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        handle.wait()
+    monkeypatch.undo()
+    load_checkpoint(model, None, tmp_path / "a")  # the error was delivered: it does not come back here
+    assert not (tmp_path / "b").exists() and handle.done()

@@ -135,6 +135,16 @@ def test_progress_and_metrics_events_drive_the_dashboard(ipshell, session):
     dash = session.dashboard  # the dashboard belongs to the session
     dash.series.clear()  # the shared session's curves from earlier tests
     dash.widgets = True  # what a Jupyter kernel uses
+    at_end = {}
+    finish = dash.finish
+
+    def spy():  # the widgets as the cell ends, before they are replaced by their static copy
+        at_end.update(
+            bar=(dash.bar.value, dash.bar.max, dash.label.value), png=dash.image.value[:8], bundle=dash.static_bundle()
+        )
+        finish()
+
+    dash.finish = spy
     try:
         ipshell.run_cell_magic(
             "fsdp",
@@ -143,14 +153,17 @@ def test_progress_and_metrics_events_drive_the_dashboard(ipshell, session):
             "    events.emit('progress', step=i, total=5, desc='train')\n"
             "    events.emit('metrics', step=i, loss=10.0 / i, run='demo')",
         )
-        assert (dash.bar.value, dash.bar.max, dash.label.value) == (5, 5, "train 5/5")
-        assert dash.image.value[:8] == b"\x89PNG\r\n\x1a\n"
+        assert at_end["bar"] == (5, 5, "train 5/5")
+        assert at_end["png"] == b"\x89PNG\r\n\x1a\n"
+        assert at_end["bundle"]["text/plain"] == "progress: 5/5 train; live plot to step 5"
+        assert dash.bar is None  # closed and forgotten: a later silent request shows nothing again
         fig = dash.figure("loss")
         lines = fig.axes[0].lines
         assert sorted(ln.get_label() for ln in lines) == ["demo rank 0", "demo rank 1"]
         assert list(lines[0].get_ydata()) == [10.0, 5.0, 10.0 / 3, 2.5, 2.0]
     finally:
         dash.widgets = False
+        dash.finish = finish
 
 
 def test_env_variable_makes_collated_the_default(ipshell, capsys, monkeypatch):

@@ -131,13 +131,13 @@ def _raise_in(code: str):
 def test_rank_tracebacks_are_short_and_say_things_once():
     from fsdp_nb.rank.errors import format_error
 
-    # A cause that the final message quotes is not printed again.
+    # torch's refusal raised in a cell gets one explanation; an error fsdp_nb words itself gets none.
     e = _raise_in(
-        "try:\n    raise ValueError('Must flatten tensors with uniform dtype')\n"
-        "except ValueError as err:\n    raise RuntimeError(f'wrapped (torch said: {err})') from err\n"
+        "raise ValueError('Must flatten tensors with uniform dtype but got torch.float32 and torch.bfloat16')"
     )
-    text = format_error(e).traceback
-    assert text.count("Must flatten tensors with uniform dtype") == 1 and "direct cause" not in text
+    assert format_error(e).traceback.count("fsdp_nb explains:") == 1
+    e = _raise_in("from fsdp_nb import FSDPConfig\nFSDPConfig(fsdp_version=1, sharding_strategy='FSDP2_PLEASE')")
+    assert "fsdp_nb explains" not in format_error(e).traceback
     # Paths of this machine are cut to their meaningful tail.
     e = _raise_in("import torch\ntorch.zeros(2).view(3)")
     text = format_error(e).traceback
@@ -169,3 +169,20 @@ def test_stderr_from_ranks_has_short_paths():
 
     torch_file = torch.__file__
     assert shorten_paths(f"warning in {torch_file}:3").startswith("warning in site-packages/torch/__init__.py")
+    inside = "/data" + torch_file  # not this machine's install: a longer path that merely contains it
+    assert shorten_paths(inside) == inside
+
+
+def test_the_summary_speaks_of_this_cells_run(capsys):
+    dash = Dashboard(widgets=False)
+    for step in range(1, 21):
+        dash(0, "metrics", {"step": step, "loss": 1.0, "run": "demo"})
+    dash(0, "metrics", {"step": 1, "loss": 1.0, "run": "other"})
+    dash.new_cell(live=False)
+    for step in range(1, 6):  # "demo" again, shorter: a re-run cell
+        dash(0, "metrics", {"step": step, "loss": 1.0, "run": "demo"})
+    assert dash.summary() == "live plot to step 5"
+    dash(0, "progress", {"step": 1, "total": 2, "desc": "train"})
+    dash(0, "checkpoint", {"path": "/x/step-000001", "status": "saved", "seconds": 0.5})
+    err = capsys.readouterr().err
+    assert err.endswith("\ncheckpoint step-000001: saved in 0.50 s\n")  # not glued to the progress bar's line

@@ -104,3 +104,13 @@ def test_repo2docker_builds_python_311_with_cpu_torch(tmp_path):
     assert 'pip install --no-cache-dir -r "binder/requirements.txt"' in text
     requirements = (ROOT / "binder" / "requirements.txt").read_text()
     assert "download.pytorch.org/whl/cpu" in requirements and "torch==" in requirements
+
+
+def test_the_example_files_read():
+    from fsdp_nb import FSDPConfig
+    from fsdp_nb.runfile import load_run_file
+
+    run = load_run_file(str(ROOT / "examples" / "run.yaml"))
+    assert run["fsdp"].fsdp_version == 2 and run["train"].steps == 20
+    for path in (ROOT / "examples").glob("accelerate_*.yaml"):
+        FSDPConfig.from_accelerate_yaml(path)

@@ -155,3 +155,30 @@ def test_cli_output_reads_back_in_accelerate(tmp_path):
 
     config = load_config_from_file(str(target))  # Accelerate's own reader accepts the converted file
     assert config.fsdp_config["fsdp_version"] == 2 and config.fsdp_config["fsdp_reshard_after_forward"] is False
+
+
+def test_a_comment_above_a_dropped_key_stays_with_it_at_the_files_indentation():
+    text = (
+        "fsdp_config:\n"
+        "    # the old prefetch key\n"
+        "    fsdp_backward_prefetch_policy: BACKWARD_PRE\n"
+        "    fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP  # per block\n"
+        "    # FSDP1 needs this with cpu_ram_efficient_loading\n"
+        "    fsdp_sync_module_states: true\n"
+        "    fsdp_offload_params: false\n"
+        "    fsdp_use_orig_params: true\n"
+        "    fsdp_sharding_strategy: 1  # full\n"
+        "    fsdp_version: 1\n"
+    )
+    out = dump_yaml(convert_to_fsdp2(load_yaml(text))[0])
+    assert out == (
+        "fsdp_config:\n"
+        "    # the old prefetch key\n"
+        "    # fsdp_backward_prefetch_policy: BACKWARD_PRE\n"
+        "    fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP  # per block\n"
+        "    # FSDP1 needs this with cpu_ram_efficient_loading\n"
+        "    # fsdp_sync_module_states: true\n"
+        "    fsdp_offload_params: false\n"
+        "    fsdp_reshard_after_forward: true  # full\n"
+        "    fsdp_version: 2\n"
+    )  # an uncommented dropped key (use_orig_params) leaves no line

@@ -18,7 +18,7 @@ from torch import nn
 
 from fsdp_nb.checkpoint import state as S
 from fsdp_nb.checkpoint import store
-from fsdp_nb.checkpoint.save import wait_pending
+from fsdp_nb.checkpoint.save import from_rank0, wait_pending
 from fsdp_nb.checkpoint.store import CheckpointError, Manifest
 
 
@@ -49,9 +49,15 @@ def load_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer | None, p
 
         wanted = get_model_state_dict(model, options=StateDictOptions(full_state_dict=False))
         _check(manifest, S.shapes(wanted))
-        full = None
+        full, problem = None, None
         if S.rank_and_world()[0] == 0:
-            full = torch.load(manifest.path / store.FULL_FILE, map_location="cpu", weights_only=True)
+            try:
+                full = torch.load(manifest.path / store.FULL_FILE, map_location="cpu", weights_only=True)
+            except Exception as e:  # a damaged file: every rank must hear it, or the others wait forever
+                problem = f"reading checkpoint {manifest.path} failed: {_first_line(e)}"
+        problem = from_rank0(problem)
+        if problem:
+            raise CheckpointError(problem)
         S.load_full_into(model, optimizer, full)
     return manifest
 

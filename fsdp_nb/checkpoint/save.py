@@ -1,8 +1,9 @@
 """`save_checkpoint`: sharded (every rank writes its shard) or full (rank 0 writes one file), now or in the background.
 
 The order of one save, and why:
-1. rank 0 draws the temporary directory's name and shares it, so all ranks write
-   to the same place [Note: atomic publication];
+1. rank 0 checks the path (only an older checkpoint, or nothing, may stand there),
+   makes the temporary directory and shares its name, or why it could not, so all
+   ranks write to the same place or all raise [Note: atomic publication];
 2. the state is taken: this rank's shards (no communication), or the whole state
    gathered to rank 0;
 3. for `async_save=True` the state is copied, so training can change the
@@ -17,6 +18,7 @@ The order of one save, and why:
 from __future__ import annotations
 
 import functools
+import json
 import os
 import threading
 import time
@@ -42,6 +44,8 @@ class AsyncCheckpoint:
 
     def __init__(self, path: Path, write):
         self.path, self.error, self.seconds = path, None, None
+        self.reported = False  # its error was raised to the caller once: not again by a later save
+        self._finished = threading.Event()  # set by the thread itself: an interrupted join cannot fake it
         self._start = time.perf_counter()
         self._thread = threading.Thread(target=self._run, args=(write,), name=f"fsdp_nb-save {path.name}", daemon=True)
         self._thread.start()
@@ -52,18 +56,19 @@ class AsyncCheckpoint:
         except BaseException as e:  # CheckpointException is a BaseException
             self.error = e
         self.seconds = time.perf_counter() - self._start
+        self._finished.set()
         _report(self.path, "failed" if self.error else "saved", self.seconds, background=True)
 
     def done(self) -> bool:
         """True once the checkpoint is written (or has failed: `.wait()` raises then)."""
-        return not self._thread.is_alive()
+        return self._finished.is_set()
 
     def wait(self, timeout: float | None = None) -> Path:
         """Block until the checkpoint stands at `path`; returns it, or raises what went wrong."""
-        self._thread.join(timeout)
-        if self._thread.is_alive():
+        if not self._finished.wait(timeout):
             raise TimeoutError(f"checkpoint {self.path} is still being written after {timeout} s")
         if self.error is not None:
+            self.reported = True
             raise self.error
         return self.path
 
@@ -91,36 +96,44 @@ def save_checkpoint(
     None takes it from the `FSDPConfig` the model was sharded with, else sharded.
     Returns None once the checkpoint is written, or with `async_save=True` an
     `AsyncCheckpoint` as soon as the state is copied. `extra` is a JSON-able dict
-    kept in the manifest (the Trainer keeps its step there). An existing checkpoint
-    at `path` is replaced only once the new one is complete.
+    kept in the manifest (the Trainer keeps its step there), copied at the call. An
+    existing checkpoint at `path` is replaced only once the new one is complete;
+    anything else at `path` is refused. A failure on any rank raises on every rank.
     """
     kind = _kind(model, state_dict_type)
     path = Path(path).absolute()
+    extra = json.loads(json.dumps(extra or {}))  # a copy as of now: the caller may go on changing it
     wait_pending()  # background saves share one group: one at a time
     rank, world = S.rank_and_world()
-    tmp = store.temporary_dir(path, _shared_token())
-    if rank == 0:
-        tmp.mkdir(parents=True)
-    _barrier(None)  # the directory exists before anyone writes into it
+    token, problem = _prepare(path) if rank == 0 else (None, None)
+    token, problem = from_rank0((token, problem))  # every rank learns rank 0's verdict: none waits alone
+    if problem:
+        raise CheckpointError(problem)
+    tmp = store.temporary_dir(path, token)
     t0 = time.perf_counter()
+    state, failure = None, None
     try:
         state = S.sharded_state(model, optimizer) if kind == KINDS[0] else S.full_state(model, optimizer)
-    except BaseException:
+        snapshot = S.clone_local(state) if async_save else state  # training may change the parameters from here
+    except BaseException as e:
+        failure = _describe(e)
+    failures = _gather_failures(failure, None)
+    if failures:
         if rank == 0:
             store.discard(tmp)
-        raise
+        where = "; ".join(f"rank {r}: {why}" for r, why in failures)
+        raise CheckpointError(f"saving checkpoint {path} failed ({where}); nothing was written")
     info = dict(
         state_dict_type=kind,
         model=S.shapes(state["model"]) if state is not None else {},
         has_optimizer=optimizer is not None,
         saved_by={"fsdp_version": fsdp_version_of(model), "world_size": world, "torch": torch.__version__},
-        extra=extra or {},
+        extra=extra,
     )
     if not async_save:
         _write(state, tmp, path, info, group=None)
         _report(path, "saved", time.perf_counter() - t0)
         return None
-    snapshot = S.clone_local(state)  # training may change the parameters from here on
     global _pending
     _pending = AsyncCheckpoint(path, functools.partial(_write, snapshot, tmp, path, info, group=_checkpoint_group()))
     _report(path, "writing", time.perf_counter() - t0, background=True)
@@ -128,11 +141,39 @@ def save_checkpoint(
 
 
 def wait_pending() -> None:
-    """Wait for this process's background save, if one is running."""
+    """Wait for this process's background save, if one is running (an interrupted wait keeps it pending)."""
     global _pending
-    if _pending is not None:
-        pending, _pending = _pending, None
+    pending = _pending
+    if pending is None:
+        return
+    if pending.done() and pending.reported:  # its error already reached the caller
+        _pending = None
+        return
+    try:
         pending.wait()
+    finally:
+        if pending.done():
+            _pending = None
+
+
+def _prepare(path: Path) -> tuple[str, str | None]:
+    """Rank 0: a name for the temporary directory, made; or why nothing can be saved at `path`."""
+    if path.exists() and not store.is_checkpoint(path) and not (path.is_dir() and not any(path.iterdir())):
+        what = "a file" if not path.is_dir() else "a directory that is not a checkpoint"
+        return "", f"{path} is {what}; a save replaces only an older checkpoint: choose another path"
+    token = store.token()
+    try:
+        store.temporary_dir(path, token).mkdir(parents=True)
+    except OSError as e:
+        return "", f"cannot save a checkpoint at {path}: {e.strerror or e}"
+    return token, None
+
+
+def from_rank0(value):
+    box = [value]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _kind(model: nn.Module, state_dict_type: str | None) -> str:
@@ -193,18 +234,6 @@ def _gather_failures(failure: str | None, group) -> list[tuple[int, str]]:
     dist.all_gather_object(everyone, failure, group=group)
     ranks = dist.get_process_group_ranks(group) if group is not None else range(len(everyone))
     return [(r, f) for r, f in zip(ranks, everyone) if f]
-
-
-def _shared_token() -> str:
-    token = [store.token()]
-    if dist.is_initialized():
-        dist.broadcast_object_list(token, src=0)  # rank 0's name for the temporary directory
-    return token[0]
-
-
-def _barrier(group) -> None:
-    if dist.is_initialized():
-        dist.barrier(group=group)
 
 
 def _checkpoint_group():

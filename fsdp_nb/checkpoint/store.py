@@ -128,6 +128,12 @@ def inspect(path: str | os.PathLike) -> Manifest:
     if path.is_dir() and _TMP in path.name:
         raise CheckpointError(f"{path} is incomplete: a save that was cut off before every rank finished")
     if not path.exists():
+        replaced = sorted(path.parent.glob(f".{path.name}{_OLD}*")) if path.parent.is_dir() else []
+        if replaced:  # a save stopped between its two renames: the older checkpoint is whole, under this name
+            raise CheckpointError(
+                f"no checkpoint at {path}: a save that was replacing it stopped halfway; the previous "
+                f"checkpoint is intact at {replaced[0]} (rename it back to {path.name})"
+            )
         leftovers = _leftovers(path)
         if leftovers:
             raise CheckpointError(

@@ -6,8 +6,8 @@
 - Paths are shortened: `site-packages/torch/...` instead of the interpreter's
   absolute path, `fsdp_nb/sharding.py` instead of the checkout's, so a saved notebook
   shows no path of the machine that ran it, and a reader sees what matters.
-- A cause whose message the final error already quotes is not printed again, and
-  "fsdp_nb explains" is added only to errors fsdp_nb did not word itself.
+- "fsdp_nb explains" is added only to errors fsdp_nb did not word itself: an error
+  fsdp_nb raises explains itself, and keeps torch's own error as its cause, once.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ def _prefixes() -> list[tuple[str, str]]:
 
 
 _SHORT = _prefixes()
-_PATTERN = re.compile("|".join(re.escape(prefix) for prefix, _ in _SHORT))
+# Only where a path starts (not inside a longer path such as /data/work/...).
+_PATTERN = re.compile(r"(?<![\w./~-])(?:" + "|".join(re.escape(prefix) for prefix, _ in _SHORT) + ")")
 _LOOKUP = dict(_SHORT)
 
 
@@ -59,9 +60,6 @@ def format_error(e: BaseException) -> P.RemoteError:
         [frame for frame in report.stack if not frame.filename.startswith(_MACHINERY)]
     )
     msg = str(e)
-    cause = e.__cause__
-    if cause is not None and str(cause).strip() and str(cause).strip() in msg:
-        report.__cause__ = None  # the final message already quotes it: print it once
     text = shorten_paths("".join(report.format()))
     why = None if _worded_by_fsdp_nb(e) else _explain(msg)
     if why:

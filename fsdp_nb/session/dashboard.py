@@ -47,6 +47,7 @@ class Dashboard:
         self._last_draw = 0.0
         self._dirty = False
         self._plotted = False  # this cell emitted metrics
+        self._last_run: str | None = None  # the run this cell's metrics belong to
         self._saving = self._saving_handle = None  # this cell's checkpoint status line (a widget in a notebook)
         self._lines: dict[str, object] = {}  # checkpoint path -> the line that shows it, for late news
 
@@ -55,6 +56,7 @@ class Dashboard:
         self.live = live
         self.bar = self.label = self.image = self._handle = self._saving = self._saving_handle = None
         self.progress = None
+        self._last_run = None
         self._shown = self._plotted = False
 
     def __call__(self, rank: int, kind: str, payload: dict) -> None:
@@ -62,6 +64,7 @@ class Dashboard:
             self._progress(int(payload.get("step", 0)), int(payload.get("total", 0)), str(payload.get("desc", "")))
         elif kind == "metrics":
             run = str(payload.get("run") or f"cell {self.cell}")
+            self._last_run = run
             curve = self.series[(run, rank)]
             step = payload.get("step")
             if isinstance(step, (int, float)) and curve.get("step") and step <= curve["step"][-1]:
@@ -77,7 +80,7 @@ class Dashboard:
 
     def finish(self) -> None:
         """The cell ended: the last drawing, then (in a notebook) a static copy in place of the widgets."""
-        if self._saving is not None and not self._saving.value.endswith("..."):  # a settled status: static too
+        if self._saving is not None:  # the status line turns static too; news after this gets a line of its own
             self._saving_handle.update({"text/plain": self._saving.value}, raw=True)
             self._lines = {k: v for k, v in self._lines.items() if v is not self._saving}
             self._saving.close()
@@ -98,7 +101,9 @@ class Dashboard:
             from IPython.display import display
 
             display(bundle, raw=True)
-        self._dirty = False
+        # Done with this cell: a later request (a silent eval) must not show it again.
+        self.bar = self.label = self.image = self._handle = None
+        self.progress, self._plotted, self._shown, self._dirty = None, False, False, False
 
     def summary(self) -> str:
         """The text line a finished cell leaves: where the bar and the plot ended."""
@@ -122,8 +127,7 @@ class Dashboard:
         return bundle
 
     def _current_run(self) -> str:
-        runs = [run for (run, _), c in self.series.items() if c]
-        return runs[-1] if runs else f"cell {self.cell}"
+        return self._last_run or f"cell {self.cell}"
 
     # ---- progress -------------------------------------------------------------------
     def _progress(self, step: int, total: int, desc: str) -> None:
@@ -220,12 +224,17 @@ class Dashboard:
             "failed": f"checkpoint {name}: FAILED after {seconds:.2f} s (wait() on the handle says why)",
         }.get(status, f"checkpoint {name}: {status}")
         if not self.widgets:
+            if self.bar is not None:  # a text progress bar holds the line: start a new one
+                sys.stderr.write("\n")
+                self.bar = None
             sys.stderr.write(text + "\n")
             return
         if not self.live:  # collated: a plain line, printed at the end with the rest
             print(f"fsdp_nb: {text}")
             return
-        line = self._lines.get(path) if status != "writing" else None  # late news updates its own line
+        line = self._lines.get(path) if status != "writing" else None  # news in the same cell updates its line
+        if line is None and status != "writing" and payload.get("background"):
+            text += " (started in an earlier cell)"
         if line is None:
             if self._saving is None:
                 import ipywidgets as w

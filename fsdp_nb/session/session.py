@@ -200,8 +200,7 @@ class Session:
         try:
             result = self._request({r: P.Execute(0, source, cell, want_result) for r in targets}, out, source)
         finally:
-            if record:
-                self.dashboard.finish()
+            self.dashboard.finish()  # a silent run too: no widget may outlive the request that made it
         result.by_rank = isinstance(out, CollatedPrinter)  # collated: errors in rank order too
         if result.ok and record:
             self.history.append(Step(source=source, ranks=tuple(targets) if ranks is not None else None))

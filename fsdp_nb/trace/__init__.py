@@ -41,6 +41,9 @@ def trace_step(target, *, steps: int = 1, model: nn.Module | None = None, label:
         step_fn = target
     else:
         raise TypeError(f"trace_step: {type(target).__name__} is neither a Trainer nor a callable that runs one step")
+    from fsdp_nb.checkpoint import wait_pending
+
+    wait_pending()  # a background save in flight would share the cores and the clock with the traced steps
     recorder = Recorder(model)
     t0, offset = _shared_clock()
     with recorder:

@@ -69,11 +69,20 @@ class Recorder:
         self._current_unit = threading.local()
         self._in_optimizer = False
         self._forward_depth = 0  # > 0 inside some unit's forward
-        self._inside_collective = False
+        self._calls = threading.local()  # per thread: inside a collective (a deprecated name forwarding)
+        self._thread = threading.get_ident()  # the training thread: others (a background save) are not traced
         self._undo: list = []
 
     # ---- install / remove ----------------------------------------------------------
     def __enter__(self) -> Recorder:
+        try:
+            self._install()
+        except BaseException:
+            self.__exit__()  # whatever was installed before the failure comes off again
+            raise
+        return self
+
+    def _install(self) -> None:
         from torch.nn.modules import module as module_hooks
         from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
@@ -87,9 +96,9 @@ class Recorder:
                     self._patch(namespace, name, self._collective(getattr(namespace, name), kind))
         for owner, method, kind in _unit_entry_points(self.version):
             self._patch(owner, method, self._naming(getattr(owner, method), kind))
-        return self
 
     def __exit__(self, *exc) -> None:
+        """Remove every hook and patch, last installed first."""
         while self._undo:
             self._undo.pop()()
 
@@ -164,14 +173,16 @@ class Recorder:
 
     def _collective(self, fn, kind: str):
         def traced(*args, **kwargs):
-            if self._inside_collective:  # a deprecated name forwarding to a newer one: count it once
+            # Count once (a deprecated name forwards to a newer one), and only the training thread's:
+            # a background checkpoint writes on its own group from its own thread.
+            if getattr(self._calls, "inside", False) or threading.get_ident() != self._thread:
                 return fn(*args, **kwargs)
-            self._inside_collective = True
+            self._calls.inside = True
             start = _now()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self._inside_collective = False
+                self._calls.inside = False
                 self._add(kind, getattr(self._current_unit, "name", ""), start, _now(), self._phase())
 
         return traced
