@@ -353,10 +353,27 @@ def test_interrupted_start_leaves_no_ranks_and_a_closed_session():
     import torch.distributed  # noqa: F401  (as in a kernel that already imported torch)
 
     s = Session(2, start=False)
-    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+    # Interrupt every second until one lands: CPython swallows a KeyboardInterrupt
+    # raised inside a finaliser ("Exception ignored in ..."), so a single SIGINT can be lost.
+    # The lock keeps a last SIGINT from landing after the interrupted block has ended.
+    stop, lock = threading.Event(), threading.Lock()
+
+    def interrupt():
+        while not stop.wait(1.0):
+            with lock:
+                if not stop.is_set():
+                    os.kill(os.getpid(), signal.SIGINT)
+
+    pest = threading.Thread(target=interrupt, daemon=True)
+    pest.start()
     with pytest.raises(KeyboardInterrupt):
-        s.start()
-        time.sleep(5)  # in case the start finished before the interrupt
+        try:
+            s.start()
+            time.sleep(5)  # in case the start finished before the interrupt
+        finally:
+            with lock:
+                stop.set()
+    pest.join()
     procs = [rk.proc for rk in (s._group.ranks if s._group else [])]
     if s.state == State.CLOSED:
         assert all(p.exitcode is not None for p in procs)
