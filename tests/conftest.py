@@ -7,6 +7,8 @@ Tests that break the session (dead ranks, stuck collectives) leave it BROKEN; th
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -91,3 +93,17 @@ class Recorder:
 @pytest.fixture
 def recorder():
     return Recorder()
+
+
+def _torchrun(nprocs: int, args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node=NPROCS ARGS...`, one thread per rank; a non-zero exit fails."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nprocs}", *args]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture
+def torchrun():
+    return _torchrun

@@ -410,10 +410,9 @@ def test_ram_efficient_loading_matches_a_normal_load_at_three_ranks(three_ranks,
 
 
 @pytest.mark.timeout(150)
-def test_fsdp_nb_train_resumes_under_torchrun(tmp_path):
+def test_fsdp_nb_train_resumes_under_torchrun(tmp_path, torchrun):
     """`fsdp-nb train --checkpoint_dir ... --checkpoint_every 3`, then `--resume` from step 3: the same losses."""
     import json
-    import os
 
     run_file = tmp_path / "run.yaml"
     run_file.write_text(
@@ -423,22 +422,7 @@ def test_fsdp_nb_train_resumes_under_torchrun(tmp_path):
     )
 
     def train(*extra: str) -> None:
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node=2",
-            "-m",
-            "fsdp_nb.cli",
-            "train",
-            "--config",
-            str(run_file),
-            *extra,
-        ]
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        torchrun(2, ["-m", "fsdp_nb.cli", "train", "--config", str(run_file), *extra], timeout=120)
 
     train(
         "--history",

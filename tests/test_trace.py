@@ -244,11 +244,8 @@ def test_trace_step_refuses_what_it_cannot_trace():
 
 
 @pytest.mark.timeout(120)
-def test_trace_step_under_torchrun(tmp_path):
+def test_trace_step_under_torchrun(tmp_path, torchrun):
     import json
-    import os
-    import subprocess
-    import sys
 
     script = tmp_path / "trace_it.py"
     script.write_text(
@@ -271,16 +268,5 @@ def test_trace_step_under_torchrun(tmp_path):
         dist.destroy_process_group()
     """)
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node=2",
-        str(script),
-        str(tmp_path / "out.json"),
-    ]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=100)
-    assert done.returncode == 0, done.stderr[-2000:]
+    torchrun(2, [str(script), str(tmp_path / "out.json")], timeout=100)
     assert json.loads((tmp_path / "out.json").read_text()) == {"ranks": 2, "forward": 3, "backward": 2, "rs": 3}

@@ -6,9 +6,6 @@ the command line and for an uneven world size of 3.
 """
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from functools import cache
 
@@ -210,14 +207,6 @@ def test_batch_smaller_than_world_size_is_refused(session):
 # ---- torchrun --------------------------------------------------------------------------
 
 
-def torchrun(nprocs: int, args: list[str], timeout: float) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nprocs}", *args]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done
-
-
 RUN_FILE = f"""
 model: {{size: debug}}
 data: {{source: stdlib, max_bytes: {CORPUS_BYTES}, val_fraction: 0.1}}
@@ -227,7 +216,7 @@ fsdp: {{fsdp_version: 2, auto_wrap_policy: TRANSFORMER_BASED_WRAP}}
 
 
 @pytest.mark.timeout(120)
-def test_cli_under_torchrun_matches_the_session(session, tmp_path):
+def test_cli_under_torchrun_matches_the_session(session, tmp_path, torchrun):
     (tmp_path / "run.yaml").write_text(RUN_FILE)
     done = torchrun(
         2,
@@ -291,7 +280,7 @@ dist.destroy_process_group()
 
 @pytest.mark.slow
 @pytest.mark.timeout(150)
-def test_world_size_3_uneven_shards_match_one_process(tmp_path):
+def test_world_size_3_uneven_shards_match_one_process(tmp_path, torchrun):
     variants = {k: VARIANTS[k] for k in ("fsdp1", "fsdp1-flat", "fsdp2")}
     script = tmp_path / "world3.py"
     script.write_text(f"TRAIN = {TRAIN!r}\nVARIANTS = {variants!r}\n" + textwrap.dedent(WORLD3_SCRIPT))
