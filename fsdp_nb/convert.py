@@ -12,15 +12,18 @@ It keeps `accelerate to-fsdp2`'s mapping, and fixes what that command loses:
 - hybrid strategies (HYBRID_SHARD, HYBRID_SHARD_ZERO2, 4, 5) are converted with a
   note that FSDP2 expresses hybrid sharding through a 2-D mesh;
 - the legacy `fsdp_backward_prefetch_policy` key is dropped like
-  `fsdp_backward_prefetch`, instead of being carried into the FSDP2 config.
+  `fsdp_backward_prefetch`, instead of being carried into the FSDP2 config;
+- a file it cannot convert faithfully (wrong types, an unknown fsdp_version, YAML
+  Accelerate's reader cannot read) is one ValueError line, never a traceback or a
+  silently different config (`convert_file_text`).
 Pure apart from `load_yaml` / `dump_yaml`: a document in, a new document out.
 """
 
 from __future__ import annotations
 
 import copy
-import io
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 from fsdp_nb.accelerate import (
@@ -33,12 +36,25 @@ from fsdp_nb.accelerate import (
     accelerate_dict,
 )
 from fsdp_nb.config import FSDPConfig
+from fsdp_nb.yaml_text import (
+    check_accelerate_reads,
+    containers,
+    described_keys,
+    drop_key,
+    dump_yaml,
+    load_yaml,
+    own_items,
+    read_document,
+    rename_key,
+    yaml_problem,
+)
 
 # accelerate_dict has been public here since the first release; its home is fsdp_nb.accelerate.
 __all__ = [
     "accelerate_dict",
     "config_from_accelerate",
     "config_from_env",
+    "convert_file_text",
     "convert_to_fsdp2",
     "dump_yaml",
     "load_yaml",
@@ -63,54 +79,55 @@ def config_from_env(environ: Mapping[str, str]) -> FSDPConfig:
     return FSDPConfig.from_env(environ)
 
 
-def load_yaml(text: str):
-    """Parse YAML text for conversion, keeping comments and key order (ruamel.yaml round trip)."""
-    from ruamel.yaml import YAML
+def convert_file_text(data: bytes) -> tuple[str, list[str]]:
+    """The FSDP2 YAML text for the bytes of an Accelerate config file, and the change notes.
 
-    yaml = YAML(typ="rt")
-    yaml.preserve_quotes = True  # 'no' stays quoted: Accelerate reads YAML 1.1, where a bare no is False
-    return yaml.load(text)
+    Any problem is one ValueError line that says what is wrong and what to do; the
+    caller adds the file's name. Before it returns, the result is read back the way
+    Accelerate reads it (PyYAML) and compared with the same rules applied to what
+    Accelerate reads from the input: the comment-keeping round trip never changes
+    a value that the rules did not.
+    """
+    import yaml
 
-
-def dump_yaml(document) -> str:
-    """YAML text of a document from `load_yaml` (comments kept) or of a plain dict."""
-    from ruamel.yaml import YAML
-
-    yaml = YAML(typ="rt")
-    indent = _mapping_indent(document)  # the file's own indentation, which its comments were written at
-    yaml.indent(mapping=indent, sequence=indent + 2, offset=indent)
-    yaml.representer.add_representer(str, _represent_str)
-    out = io.StringIO()
-    yaml.dump(document, out)
-    return out.getvalue()
-
-
-# Plain strings that a YAML 1.1 reader (PyYAML, which Accelerate uses) would not read back as strings.
-_YAML11_WORDS = {"y", "yes", "n", "no", "on", "off", "true", "false", "null", "~", ""}
-
-
-def _represent_str(representer, value: str):
-    plain = value.lower() not in _YAML11_WORDS and not value.replace(".", "", 1).lstrip("-+").isdigit()
-    return representer.represent_scalar("tag:yaml.org,2002:str", value, style=None if plain else "'")
-
-
-def _mapping_indent(document) -> int:
-    """How far the file indented its nested mappings (2 unless it says otherwise)."""
-    for value in getattr(document, "values", lambda: [])():
-        columns = [pos[1] for pos in getattr(getattr(value, "lc", None), "data", {}).values() if pos]
-        if columns:
-            return min(columns)
-    return 2
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ValueError(
+            f"not UTF-8 text (byte {data[err.start]:#04x} on line {line}); give a YAML file saved as UTF-8"
+        ) from None
+    try:
+        document = read_document(text)
+        try:
+            plain = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ValueError(
+                f"Accelerate's YAML reader (PyYAML) cannot read it ({yaml_problem(err, text)}); "
+                "write that part in plain YAML (no custom tags or complex keys) and run again"
+            ) from None
+        new, notes = convert_to_fsdp2(document)
+        new_text = dump_yaml(new)
+        check_accelerate_reads(new_text, convert_to_fsdp2(plain)[0])
+    except RecursionError:  # both YAML readers recurse once per level
+        raise ValueError("nested too deeply to read; flatten its deepest lists or mappings and run again") from None
+    return new_text, notes
 
 
 def reshard_value(key: str, value: Any) -> tuple[Any, str | None]:
     """FSDP2's `fsdp_reshard_after_forward` for an FSDP1 strategy value, and a note on what changed.
 
     Names and torch's enum values (1-5, as ints or digit strings) both map through
-    the table; bools are already FSDP2 values; anything else is copied with a note.
+    the table; bools are already FSDP2 values; any other scalar is copied with a note.
+    A list or mapping is a ValueError: copied, it would make an FSDP2 config no reader accepts.
     """
     if isinstance(value, bool):
         return value, None
+    if isinstance(value, Collection) and not isinstance(value, str):
+        raise ValueError(
+            f"fsdp_config.{key} is {_shown(value)}, not a sharding strategy; accepted: "
+            f"{', '.join(SHARDING_STRATEGIES)}, their numbers 1-5, or true/false; fix it and run again"
+        )
     name = value.strip().upper() if isinstance(value, str) else None
     number = int(value) if isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit()) else None
     if number is not None:
@@ -130,20 +147,39 @@ def convert_to_fsdp2(config: Mapping[str, Any]) -> tuple[Any, list[str]]:
     """Apply `accelerate to-fsdp2`'s rules to a YAML document; returns (new document, change notes).
 
     The input is not modified. Keys the rules do not know are carried over unchanged,
-    in place; a config with no fsdp_config, or already at fsdp_version 2, comes back
-    as it was. A ruamel round-trip document keeps its comments.
+    in place; a config with no fsdp_config (or `fsdp_config: {}`), or already at
+    fsdp_version 2, comes back as it was. A ruamel round-trip document keeps its comments.
+    ValueError (one line) where the rules cannot apply: an fsdp_config that is not a
+    mapping, an fsdp_version other than 1 or 2, a list or mapping as a sharding strategy.
     """
-    new = copy.deepcopy(config)
-    block = new.get("fsdp_config") or {}
+    # Accelerate passes `fsdp_config: 3` or `[a, b]` to `.get` and crashes, and passes `[]` or `false`
+    # through as "no section"; fsdp_nb names the wrong type instead, whatever its truth value.
+    block = config.get("fsdp_config")
+    if block is not None and not isinstance(block, Mapping):
+        raise ValueError(
+            f"fsdp_config is {_shown(block)}, not a mapping of fsdp_* keys; write it as `fsdp_config:` "
+            "followed by indented `fsdp_...: value` lines, or remove it"
+        )
+    merged = next((node for node in containers(config) if getattr(node, "merge", None)), None)
+    if merged is not None:  # ruamel.yaml's deepcopy writes a merge key's keys out twice
+        raise ValueError(
+            f"line {merged.lc.line + 1} takes keys from a YAML merge key (<<: *anchor), which cannot be copied "
+            "faithfully; write those keys out in place and run again"
+        )
     if not block:
-        return new, ["no fsdp_config section: nothing to convert"]
-    if block.get("fsdp_version", 1) == 2:
+        return copy.deepcopy(config), ["no fsdp_config section: nothing to convert"]
+    version = _fsdp_version(block.get("fsdp_version"))
+    new = copy.deepcopy(config)
+    block = new["fsdp_config"]
+    if sum(child is block for node in containers(new) for _, child in own_items(node)) > 1:
+        block = new["fsdp_config"] = _own_copy(block)  # an alias (`fsdp_config: *defaults`): leave its anchor as is
+    if version == 2:
         return new, [
             "fsdp_version is already 2: nothing converted (if the file still uses FSDP1 keys, "
             "set fsdp_version: 1 and run the conversion again)"
         ]
     notes: list[str] = []
-    described = _described(block)  # before any edit moves a comment
+    described = described_keys(block)  # before any edit moves a comment
     converted: set[str] = set()  # target keys written so far, in the order they were met
     for key in list(block):
         if key not in block or key in converted:
@@ -156,7 +192,7 @@ def convert_to_fsdp2(config: Mapping[str, Any]) -> tuple[Any, list[str]]:
                     "fsdp_forward_prefetch: fsdp_nb does implement it for FSDP2; "
                     "add `fsdp_forward_prefetch: true` back to use it with fsdp_nb"
                 )
-            _drop(block, key, key in described)
+            drop_key(block, key, key in described)
             continue
         if key not in RENAMED_IN_FSDP2:
             if key == "fsdp_state_dict_type" and str(value).upper() == "LOCAL_STATE_DICT":
@@ -176,7 +212,7 @@ def convert_to_fsdp2(config: Mapping[str, Any]) -> tuple[Any, list[str]]:
                     f"from {key} (the later key wins)"
                 )
             block[target] = new_value
-            _drop(block, key, key in described)
+            drop_key(block, key, key in described)
             continue
         if target != key and target in block:  # the target comes later: convert it here, where the first key stands
             later_value, later_note = reshard_value(target, block[target])
@@ -187,8 +223,8 @@ def convert_to_fsdp2(config: Mapping[str, Any]) -> tuple[Any, list[str]]:
                     f"{target}: {new_value!r} from {key} replaced by {later_value!r} from {target} (the later key wins)"
                 )
             new_value = later_value
-            _drop(block, target, target in described)
-        _rename(block, key, target, new_value)
+            drop_key(block, target, target in described)
+        rename_key(block, key, target, new_value)
         converted.add(target)
     block["fsdp_version"] = 2  # in place if present, else appended, as in Accelerate
     slot = getattr(new, "ca", None) and new.ca.items.get("fsdp_config")
@@ -198,102 +234,32 @@ def convert_to_fsdp2(config: Mapping[str, Any]) -> tuple[Any, list[str]]:
     return new, notes
 
 
-# ---- editing a mapping in place, comments included ----------------------------------
-# ruamel.yaml keeps the comment lines that stand before a key on the key above it,
-# as the tail of that key's end-of-line comment token (`block.ca.items[key][2]`), or
-# on the block itself for the first key. Dropping a key must hand those lines on.
+def _fsdp_version(value) -> int:
+    """1 or 2 from an fsdp_version value (missing or null means 1, as in Accelerate); ValueError otherwise."""
+    if value is None:
+        return 1
+    if isinstance(value, int) and not isinstance(value, bool) and value in (1, 2):
+        return value
+    if isinstance(value, str) and value.strip() in ("1", "2"):  # `accelerate launch` passes str(value) on
+        return int(value)
+    raise ValueError(
+        f"fsdp_config.fsdp_version is {_shown(value)}; accepted: 1 (an FSDP1 config, which is converted) "
+        "or 2 (already FSDP2); set it to 1 and run again"
+    )
 
 
-def _rename(block, key: str, new_key: str, value: Any) -> None:
-    """Replace `key: old` by `new_key: value` at the same position, keeping its comments."""
-    if key == new_key:
-        block[key] = value
-        return
-    position = list(block).index(key)
-    comment = getattr(block, "ca", None) and block.ca.items.pop(key, None)
-    if hasattr(block, "insert"):
-        del block[key]
-        block.insert(position, new_key, value)
-        if comment:
-            if comment[2] is not None and not comment[2].value.startswith("\n"):  # an end-of-line comment:
-                shown = str(value).lower() if isinstance(value, bool) else str(value)  # keep it two spaces
-                column = _indent_of(block) + len(f"{new_key}: {shown}") + 2  # after the new value
-                comment = [*comment[:2], _token(comment[2].value, comment[2], column), *comment[3:]]
-            block.ca.items[new_key] = comment
-        return
-    items = list(block.items())  # a plain dict: rebuild in order
-    items[position] = (new_key, value)
-    block.clear()
-    block.update(items)
+def _shown(value) -> str:
+    """A value as an error message names it: a scalar as written, a collection by its kind."""
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, Collection) and not isinstance(value, str):
+        return "a set" if isinstance(value, AbstractSet) else "a list"
+    return "empty" if value is None else repr(value)
 
 
-def _described(block) -> set[str]:
-    """Keys that carry a comment, above them or at the end of their line, in the block as read."""
-    ca = getattr(block, "ca", None)
-    if ca is None:
-        return set()
-    keys, found = list(block), set()
-    for i, key in enumerate(keys):
-        own = ca.items.get(key, [None, None, None, None])[2]
-        if own is not None and own.value.partition("\n")[0].strip():
-            found.add(key)
-        if i == 0:
-            above = any(tok.value.strip() for tok in ((ca.comment or [None, None])[1] or []))
-        else:
-            held = ca.items.get(keys[i - 1], [None, None, None, None])[2]
-            above = held is not None and bool(held.value.partition("\n")[2].strip())
-        if above:
-            found.add(key)
-    return found
-
-
-def _drop(block, key: str, described: bool = False) -> None:
-    """Delete `key`, keeping every comment with its subject: a key that had comments (`described`:
-    above it or at its end) stays as a commented-out line `# key: value  # comment`, under them."""
-    ca = getattr(block, "ca", None)
-    keys = list(block)
-    position = keys.index(key)
-    value = block.pop(key)
-    if ca is None:
-        return
-    indent = " " * _indent_of(block)
-    own_token = ca.items.pop(key, [None, None, None, None])[2]
-    own, _, following = (own_token.value if own_token is not None else "").partition("\n")
-    # The lines above `key` are held by the key above it (after that key's own end-of-line comment),
-    # or, for the block's first key, by the block itself.
-    if position == 0:
-        pre = (ca.comment or [None, None])[1] or []
-        leading = "".join(indent + tok.value.lstrip(" ") for tok in pre if tok.value.strip())
-        head = ""
-    else:
-        above = ca.items.setdefault(keys[position - 1], [None, None, None, None])
-        held = above[2].value if above[2] is not None else ""
-        head, _, leading = held.partition("\n")
-    shown = str(value).lower() if isinstance(value, bool) else value
-    commented = f"{indent}# {key}: {shown}" + (f"  {own.strip()}" if own.strip() else "") + "\n"
-    text = (leading + commented if described else leading) + following
-    if position == 0:
-        pre = (ca.comment or [None, None])[1] or []
-        if pre:  # these token objects are shared with the parent mapping's slot for this block: edit in place
-            pre[0].value = text.lstrip(" ")  # printed at the token's own column; later lines carry their indent
-            for tok in pre[1:]:
-                tok.value = ""
-        elif text.strip():
-            ca.comment = [(ca.comment or [None, None])[0], [_token(text.lstrip(" "), None, len(indent))]]
-    elif head or text.strip():
-        column = above[2].column if above[2] is not None else 0  # the key above keeps its comment's column
-        above[2] = _token(head + "\n" + text, None, column)
-
-
-def _indent_of(block) -> int:
-    """The column the block's keys start at (where a full-line comment belongs)."""
-    lc = getattr(block, "lc", None)
-    columns = [pos[1] for pos in getattr(lc, "data", {}).values() if pos]
-    return min(columns) if columns else 2
-
-
-def _token(text: str, like, column: int | None = None):
-    from ruamel.yaml.error import CommentMark
-    from ruamel.yaml.tokens import CommentToken
-
-    return CommentToken(text, CommentMark(like.column if column is None else column))
+def _own_copy(block):
+    """A deep copy of a mapping reached through an alias, without its anchor, so it is written out in full."""
+    fresh = copy.deepcopy(block)
+    if getattr(fresh, "anchor", None) is not None:
+        fresh.anchor.value = None
+    return fresh

@@ -16,7 +16,7 @@ import yaml
 
 from fsdp_nb.accelerate import YAML_KEY_TO_FIELD, accelerate_dict
 from fsdp_nb.config import FSDPConfig, MixedPrecision
-from fsdp_nb.convert import config_from_accelerate, convert_to_fsdp2
+from fsdp_nb.convert import config_from_accelerate, convert_to_fsdp2, dump_yaml, load_yaml
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 FSDP1, FSDP2, SHARD_GRAD_OP = (
@@ -435,3 +435,62 @@ def test_conversion_notes_what_accelerate_leaves_for_the_user():
     assert "fsdp_sharding_strategy: NO_SHARD -> fsdp_reshard_after_forward: false (FSDP2 has no NO_SHARD" in text
     assert "fsdp_reshard_after_forward: 'WEIRD' is not a sharding strategy or a bool; copied unchanged" in text
     assert "fsdp_reshard_after_forward: False from fsdp_sharding_strategy replaced by 'WEIRD'" in text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "dynamo_config: {}\nfsdp_config:\n  fsdp_version: 1\n",  # ruamel keeps no line data for an empty mapping
+        "gpu_ids: []\nextra: {a: 1}\nfsdp_config:\n    fsdp_version: 1\n",  # empty list, then a flow mapping
+        "fsdp_config: {}\n",
+        "a:\n  b: {}\n  c: []\n",
+        "gpu_ids:\n    - 0\n    - 1\nfsdp_config:\n    fsdp_version: 1\n",  # a list first: the mapping sets the indent
+    ],
+)
+def test_dump_yaml_round_trips_empty_and_flow_collections(text):
+    assert dump_yaml(load_yaml(text)) == text
+
+
+def test_bare_yaml11_booleans_stay_bare_and_quoted_ones_stay_quoted():
+    text = "downcast_bf16: no\nmixed_precision: 'no'\nfsdp_config:\n  fsdp_offload_params: Yes\n  x: [on, OFF]\n"
+    assert dump_yaml(load_yaml(text)) == text  # PyYAML, as Accelerate, reads the same values from both
+    assert dump_yaml({"downcast_bf16": "no"}) == "downcast_bf16: 'no'\n"  # a plain dict's string stays a string
+
+
+@pytest.mark.parametrize(
+    "block, problem",
+    [
+        (3, "fsdp_config is 3, not a mapping of fsdp_* keys; write it as `fsdp_config:`"),
+        ([], "fsdp_config is a list, not a mapping"),
+        ("FULL_SHARD", "fsdp_config is 'FULL_SHARD', not a mapping"),
+        (
+            {"fsdp_version": "two"},
+            "fsdp_config.fsdp_version is 'two'; accepted: 1 (an FSDP1 config, which is converted)",
+        ),
+        ({"fsdp_version": 2.0}, "fsdp_config.fsdp_version is 2.0; accepted: 1"),
+        ({"fsdp_version": True}, "fsdp_config.fsdp_version is True; accepted: 1"),
+        ({"fsdp_sharding_strategy": {}}, "fsdp_config.fsdp_sharding_strategy is a mapping, not a sharding strategy"),
+        ({"fsdp_reshard_after_forward": ["FULL_SHARD"]}, "fsdp_config.fsdp_reshard_after_forward is a list, not a"),
+    ],
+)
+def test_conversion_refuses_what_its_rules_cannot_apply_to(block, problem):
+    config = {"distributed_type": "FSDP", "fsdp_config": block}
+    snapshot = copy.deepcopy(config)
+    with pytest.raises(ValueError) as info:
+        convert_to_fsdp2(config)
+    assert str(info.value).startswith(problem) and "\n" not in str(info.value)
+    assert config == snapshot
+
+
+def test_fsdp_version_as_text_or_null_reads_as_accelerate_launch_reads_it():
+    two = {"fsdp_config": {"fsdp_sharding_strategy": "FULL_SHARD", "fsdp_version": "2"}}
+    assert convert_to_fsdp2(two)[0] == two  # `accelerate launch` passes str(value): "2" is FSDP2 already
+    new, _ = convert_to_fsdp2({"fsdp_config": {"fsdp_version": None, "fsdp_sharding_strategy": "NO_SHARD"}})
+    assert new == {"fsdp_config": {"fsdp_version": 2, "fsdp_reshard_after_forward": False}}
+
+
+def test_an_aliased_fsdp_config_is_converted_alone():
+    defaults = {"fsdp_sharding_strategy": "SHARD_GRAD_OP", "fsdp_use_orig_params": True}
+    new, _ = convert_to_fsdp2({"defaults": defaults, "fsdp_config": defaults})  # what yaml reads from `*defaults`
+    assert new["defaults"] == {"fsdp_sharding_strategy": "SHARD_GRAD_OP", "fsdp_use_orig_params": True}
+    assert new["fsdp_config"] == {"fsdp_reshard_after_forward": False, "fsdp_version": 2}
