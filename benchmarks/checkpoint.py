@@ -11,7 +11,13 @@ state (3x the weights in all):
 - sharded save (DCP, one file per rank) and full save (gathered to rank 0, one file);
 - async save: how long training is blocked (the call, which copies the shards)
   against a synchronous save, while training steps run; goal: blocked <= 20%;
-- load of the sharded checkpoint.
+- load of both checkpoints;
+- what integrity costs, in the same round: the SHA-256 of every file at save
+  (rank 0 hashes the files while the other ranks wait) and its verification at
+  load (every rank hashes its share of the files). Each is timed inside the real
+  operation (`store.checksums` / `store.damaged` wrapped in a clock) and set
+  against the same operation without it (the save with the hashing patched out,
+  the load with `verify=False`), the two run in alternating order across rounds.
 Each figure is the median of `--repeats` runs.
 
 Part 2: peak resident memory (ru_maxrss) of rank 1 from building the model to a
@@ -63,8 +69,36 @@ def timed(fn):
 """
 
 ROUND = """
+from fsdp_nb.checkpoint import store
 root = {root!r}
 out = {{}}
+hashing, verifying = store.checksums, store.damaged
+
+def patched(name, fn, replacement):  # run fn with store.<name> replaced, then put it back
+    def run():
+        original = getattr(store, name)
+        setattr(store, name, replacement)
+        try:
+            fn()
+        finally:
+            setattr(store, name, original)
+    return run
+
+def clocked(key, original):  # original, adding the seconds it takes to out[key]: the integrity work itself
+    def run(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            out[key] = out.get(key, 0.0) + time.perf_counter() - t0
+    return run
+
+def pair(name, fn, without, fn_without):
+    # Both orders across rounds: the first of two back-to-back saves also pays for the other's writeback.
+    runs = [(name, fn), (f"{{name}}, {{without}}", fn_without)]
+    for key, run in (runs if {flip} else runs[::-1]):
+        out[key] = timed(run)
+
 def durable_save():  # what a checkpoint must do too: the bytes reach the disk before it counts as written
     with open(f"{{root}}/synced-{{rank}}.pt", "wb") as f:
         torch.save(local, f)
@@ -72,8 +106,10 @@ def durable_save():  # what a checkpoint must do too: the bytes reach the disk b
         os.fsync(f.fileno())
 out["torch.save"] = timed(lambda: torch.save(local, f"{{root}}/plain-{{rank}}.pt"))
 out["torch.save + fsync"] = timed(durable_save)
-out["sharded save"] = timed(lambda: save_checkpoint(model, opt, f"{{root}}/sharded"))
-out["full save"] = timed(lambda: save_checkpoint(model, opt, f"{{root}}/full", state_dict_type="FULL_STATE_DICT"))
+for kind, state_dict_type in (("sharded", "SHARDED_STATE_DICT"), ("full", "FULL_STATE_DICT")):
+    save = lambda: save_checkpoint(model, opt, f"{{root}}/{{kind}}", state_dict_type=state_dict_type)
+    pair(f"{{kind}} save", patched("checksums", save, clocked(f"{{kind}} save: hashing", hashing)),
+         "no checksums", patched("checksums", save, lambda directory, names, threads=None: {{}}))
 steps = []
 dist.barrier()
 t0 = time.perf_counter()
@@ -87,7 +123,10 @@ handle.wait()
 out["async: blocked"] = blocked
 out["async: until written"] = time.perf_counter() - t0
 m2, o2 = fresh()
-out["sharded load"] = timed(lambda: load_checkpoint(m2, o2, f"{{root}}/sharded"))
+for kind in ("sharded", "full"):
+    load = lambda verify: load_checkpoint(m2, o2, f"{{root}}/{{kind}}", verify=verify)
+    pair(f"{{kind}} load", patched("damaged", lambda: load(True), clocked(f"{{kind}} load: verifying", verifying)),
+         "no verify", lambda: load(False))
 del m2, o2
 out
 """
@@ -120,16 +159,30 @@ def main() -> None:
             f"checkpoint: {sum(per_rank) / 2**20:.0f} MiB of model and AdamW state over 2 ranks "
             f"(model {s.eval('sum(p.numel() for p in model.parameters())')[0] * 4 / 2**20:.0f} MiB)"
         )
-        rounds = [s.run(ROUND.format(root=root), output=Silent()).raise_errors().values[0] for _ in range(args.repeats)]
+        rounds = [
+            s.run(ROUND.format(root=root, flip=i % 2), output=Silent()).raise_errors().values[0]
+            for i in range(args.repeats)
+        ]
     med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
     base = med["torch.save"]
     for name, seconds in med.items():
+        if name.endswith((": hashing", ": verifying")):
+            continue
         ratio = f"{seconds / base:5.2f}x torch.save" if name != "torch.save" else "baseline"
-        print(f"  {name:<22} {seconds * 1e3:8.1f} ms   {ratio}")
+        print(f"  {name:<28} {seconds * 1e3:8.1f} ms   {ratio}")
     print(
         f"  async: training blocked {med['async: blocked'] / med['sharded save']:.0%} of a synchronous save "
         f"(goal <= 20%)"
     )
+    print("integrity (rank 0): the hashing inside the operation, and the operation against itself without it")
+    for what, plain, work in (("save", "no checksums", "hashing"), ("load", "no verify", "verifying")):
+        for kind in ("sharded", "full"):
+            with_it, without, inside = f"{kind} {what}", f"{kind} {what}, {plain}", f"{kind} {what}: {work}"
+            each = "  ".join(f"{r[with_it] / r[without]:.2f}" for r in rounds)
+            print(
+                f"  {kind + ' ' + what:<13} {work} {med[inside] * 1e3:6.1f} ms = {med[inside] / med[without]:4.0%} "
+                f"of the {what} without it;  with / without: {med[with_it] / med[without]:4.2f}x (rounds: {each})"
+            )
 
     print("peak resident memory of rank 1, from building the model to sharding it (KiB of ru_maxrss):")
     for version in (1, 2):

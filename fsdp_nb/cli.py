@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fsdp_nb.convert import convert_to_fsdp2, dump_yaml, load_yaml
+from fsdp_nb.convert import convert_file_text
 from fsdp_nb.runfile import add_train_arguments, cli_train
 
 PROG = "fsdp-nb"
@@ -59,29 +59,39 @@ def _to_fsdp2_arguments(parser: argparse.ArgumentParser) -> None:
 def to_fsdp2_command(args: argparse.Namespace) -> int:
     """Convert an Accelerate FSDP1 YAML file to FSDP2, as `accelerate to-fsdp2` does, and say what changed."""
     source = Path(args.config_file)
-    if not source.is_file():
+    if not source.exists():
         raise CLIError(f"config file {source} not found")
+    if not source.is_file():
+        kind = "a directory" if source.is_dir() else "not a regular file"
+        raise CLIError(f"config file {source} is {kind}; pass the path of an Accelerate config file")
     if args.output_file is None and not args.overwrite:
         raise CLIError("--output_file is required unless --overwrite is set (then the config file is rewritten)")
     target = Path(args.output_file) if args.output_file is not None else source
+    if target.is_dir():
+        raise CLIError(f"output file {target} is a directory; pass a file path to --output_file")
     if target.exists() and not args.overwrite:
         raise CLIError(f"output file {target} already exists; pass --overwrite to replace it")
-    from ruamel.yaml import YAMLError
-
+    if not target.parent.is_dir():
+        if target.parent.exists():
+            raise CLIError(f"output file {target}: {target.parent} is not a directory; pick another --output_file")
+        raise CLIError(f"output file {target}: directory {target.parent} does not exist; create it first")
     try:
-        config = load_yaml(source.read_text(encoding="utf-8"))  # round trip: comments and order survive
-    except YAMLError as err:
-        raise CLIError(f"{source}: not valid YAML ({' '.join(str(err).split())})") from None
-    if not config:
-        raise CLIError(f"{source}: the file is empty")
-    if not isinstance(config, dict):
-        kind = "list" if isinstance(config, list) else type(config).__name__
-        raise CLIError(f"{source}: expected a mapping of Accelerate options, got {kind}")
-    new, notes = convert_to_fsdp2(config)
-    text = dump_yaml(new)
+        data = source.read_bytes()
+    except OSError as err:
+        raise CLIError(f"config file {source}: cannot read it ({err.strerror or err}); check its permissions") from None
+    try:
+        text, notes = convert_file_text(data)  # round trip: comments and order survive
+    except ValueError as err:
+        raise CLIError(f"{source}: {err}") from None
     tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(target)  # never a half-written config, even with --overwrite of the input
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(target)  # never a half-written config, even with --overwrite of the input
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise CLIError(
+            f"output file {target}: cannot write it ({err.strerror or err}); pick another --output_file"
+        ) from None
     print(f"{source} -> {target}")
     for note in notes:
         print(f"  - {note}")
@@ -112,6 +122,30 @@ def merge_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="a checkpoint directory written by save_checkpoint")
+
+
+def verify_command(args: argparse.Namespace) -> int:
+    """Check that every file of a checkpoint is present and byte for byte as saved; one line either way."""
+    import time
+
+    from fsdp_nb.checkpoint import CheckpointError, verify
+
+    start = time.perf_counter()
+    try:
+        manifest = verify(args.checkpoint)
+    except CheckpointError as err:
+        raise CLIError(str(err)) from None
+    except KeyboardInterrupt:
+        print(f"{PROG}: verify interrupted; nothing was checked to the end", file=sys.stderr)
+        return 130
+    what = "checksums match" if manifest.sha256 else "sizes match (saved without checksums)"
+    print(f"ok: {manifest.path}: {len(manifest.files)} files, {sum(manifest.files.values())} bytes, {what}, "
+          f"{time.perf_counter() - start:.2f} s")  # fmt: skip
+    return 0
+
+
 SUBCOMMANDS: tuple[Subcommand, ...] = (
     Subcommand(
         name="to-fsdp2",
@@ -124,6 +158,12 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
         help="merge a checkpoint's weights into one model.safetensors for a plain model",
         add_arguments=_merge_arguments,
         run=merge_command,
+    ),
+    Subcommand(
+        name="verify",
+        help="check that a checkpoint is complete and byte for byte as saved (exit 2 names a damaged file)",
+        add_arguments=_verify_arguments,
+        run=verify_command,
     ),
     Subcommand(
         name="train",

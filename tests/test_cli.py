@@ -139,7 +139,7 @@ def test_command_line_process(tmp_path):
 
 def test_train_subcommand_is_wired_and_reports_config_errors_in_one_line(tmp_path, capsys):
     """`train` comes from fsdp_nb.train; a bad run file fails before any training starts."""
-    assert [c.name for c in cli.SUBCOMMANDS] == ["to-fsdp2", "merge-weights", "train"]
+    assert [c.name for c in cli.SUBCOMMANDS] == ["to-fsdp2", "merge-weights", "verify", "train"]
     missing = tmp_path / "missing.yaml"
     assert error_line(capsys, "train", "--config", str(missing)).startswith("fsdp-nb: error: No such file or directory")
     run_file = tmp_path / "run.yaml"

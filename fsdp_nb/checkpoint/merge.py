@@ -1,37 +1,49 @@
 """`merge_weights`: a checkpoint's model weights as one file that a plain, unsharded model loads.
 
-Runs in one process, with no process group: DCP reads every shard of every
-parameter from the checkpoint's files and joins them. Only the model is read, never
-the optimizer state, so the memory needed is one copy of the weights.
+Runs in this process alone, with no process group, even on one rank of a live job
+(`if rank == 0: merge_weights(...)` in a `%%fsdp` cell): nothing here waits on
+another rank. Only the model is read, never the optimizer state (twice the model
+again with AdamW), so the memory needed is about one copy of the weights:
+- a sharded checkpoint: empty tensors of each weight's global shape and dtype,
+  taken from DCP's metadata, are filled by DCP's `load(..., no_dist=True)`, which
+  reads every shard of only those keys from whichever files hold them;
+- a full checkpoint: `full.pt` is memory-mapped, and only the pages of the model's
+  tensors are read, by the writer itself, as it writes them out.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
+import warnings
 from pathlib import Path
 
 import torch
 
 from fsdp_nb.checkpoint import store
+from fsdp_nb.checkpoint.load import first_line
 from fsdp_nb.checkpoint.store import CheckpointError
 
 SAFE_NAME, TORCH_NAME = "model.safetensors", "pytorch_model.bin"  # Accelerate's file names
+# What DCP says each time it is asked to load without ranks; here that is the intent, not a misconfiguration.
+_NO_DIST_NOTICE = "torch.distributed is (disabled, )?unavailable or uninitialized"
 
 
 def merge_weights(checkpoint_dir: str | os.PathLike, output_path: str | os.PathLike, *,
-                  safe_serialization: bool = True) -> Path:  # fmt: skip
+                  safe_serialization: bool = True, verify: bool = True) -> Path:  # fmt: skip
     """Write the model weights of `checkpoint_dir` to `output_path/model.safetensors`.
 
     With `safe_serialization=False` the file is `output_path/pytorch_model.bin`, a
     `torch.save`d state dict. Either loads with `model.load_state_dict(...)` into the
     plain model. Returns the file written. Raises CheckpointError (one line) for a
-    missing path, a directory that is not a checkpoint, or one that holds several.
+    missing path, a directory that is not a checkpoint, one that holds several, or
+    (unless `verify=False`) a file whose bytes differ from those saved.
     """
-    manifest = store.inspect(checkpoint_dir)
-    weights = _read_model(manifest)
+    manifest = store.verify(checkpoint_dir) if verify else store.inspect(checkpoint_dir)
     out_dir = Path(output_path)
     if out_dir.exists() and not out_dir.is_dir():
         raise CheckpointError(f"output path {out_dir} is a file; give a directory to write {SAFE_NAME} into")
+    weights = _read_model(manifest)
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / (SAFE_NAME if safe_serialization else TORCH_NAME)
     tmp = target.with_name(f".{target.name}.tmp")
@@ -46,17 +58,42 @@ def merge_weights(checkpoint_dir: str | os.PathLike, output_path: str | os.PathL
 
 
 def _read_model(manifest: store.Manifest) -> dict[str, torch.Tensor]:
-    if manifest.state_dict_type == "FULL_STATE_DICT":
-        full = torch.load(manifest.path / store.FULL_FILE, map_location="cpu", weights_only=True)
-        return dict(full["model"])
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
-
+    """The model's tensors by name, in the model's own order; the optimizer's are never read."""
     try:
-        loaded = _load_state_dict_from_keys({f"model.{k}" for k in manifest.model}, checkpoint_id=str(manifest.path))
-    except BaseException as e:  # CheckpointException is a BaseException
-        raise CheckpointError(f"reading checkpoint {manifest.path} failed: {type(e).__name__}: {e}") from None
-    model = loaded["model"]
-    return {k: model[k] for k in manifest.model}  # the model's own order
+        if manifest.state_dict_type == "FULL_STATE_DICT":
+            # mmap: the file's pages become memory only when touched; the optimizer's never are.
+            full = torch.load(manifest.path / store.FULL_FILE, map_location="cpu", weights_only=True, mmap=True)
+            model = full["model"]
+        else:
+            model = _read_sharded_model(manifest)
+        return {k: model[k] for k in manifest.model}
+    except (CheckpointError, KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # DCP's CheckpointException is a BaseException
+        raise CheckpointError(f"reading checkpoint {manifest.path} failed: {first_line(e)}") from None
+
+
+def _read_sharded_model(manifest: store.Manifest) -> dict[str, torch.Tensor]:
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    no_dist = "no_dist" in inspect.signature(dcp.load).parameters  # public since torch 2.7
+    if not no_dist and dist.is_initialized():  # older DCP runs collectives whenever a process group exists
+        raise CheckpointError(f"merging {manifest.path} inside a distributed job needs torch >= 2.7 "
+                              f"(this is {torch.__version__}); run merge_weights outside the job")  # fmt: skip
+    reader = dcp.FileSystemReader(str(manifest.path))
+    saved = reader.read_metadata().state_dict_metadata  # "model.<name>" -> global size and dtype
+    model = {}
+    for name in manifest.model:
+        meta = saved.get(f"model.{name}")
+        if meta is None or not hasattr(meta, "size"):
+            raise CheckpointError(f"checkpoint {manifest.path} has no tensor model.{name} in its DCP metadata")
+        model[name] = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+    state = {"model": model}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_NO_DIST_NOTICE)
+        dcp.load(state, storage_reader=reader, **({"no_dist": True} if no_dist else {}))
+    return state["model"]
 
 
 def _unshared(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,40 @@
+"""Torch's own warnings, silenced for the duration of our calls into torch and nowhere else.
+
+FSDP1's sharded state dicts are ShardedTensors, which torch 2.13 marks deprecated at
+every touch; FSDP1's state-dict helpers also warn about gloo groups that carry a CPU
+and a CUDA backend, about a private helper they call themselves, and about their own
+`FSDP.state_dict_type`. That is torch talking to itself: one FSDP1 save prints
+hundreds of lines, with paths into site-packages, that the user can do nothing about.
+
+`quiet()` hides those messages, and only those, inside a `with` block. Nothing is
+installed process-wide: a filter added at import would also hide the same warnings
+from the user's own code, and `warnings.filters` would differ from what they set.
+
+`warnings.catch_warnings` swaps a process-global list, so two threads inside it at
+once can leave each other's filters behind. Only the calling thread of a save or a
+load enters it; the background thread of an async save never does (it calls no
+torch code that warns: it writes a state that is already taken).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+# Each a regular expression matched at the start of the message (what `filterwarnings` does).
+CHATTER = (
+    "Please use DTensor instead and we are deprecating ShardedTensor",
+    "Multiple backends are registered with this ProcessGroup",
+    "`_get_pg_default_device` will be deprecated",
+    r"FSDP\.state_dict_type\(\) and FSDP\.set_state_dict_type\(\) are being deprecated",
+)
+
+
+@contextmanager
+def quiet() -> Iterator[None]:
+    """Inside the block, torch's CHATTER is not shown; every other warning is."""
+    with warnings.catch_warnings():
+        for message in CHATTER:
+            warnings.filterwarnings("ignore", message=message)
+        yield
