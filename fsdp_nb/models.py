@@ -155,6 +155,9 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Position ids as a non-persistent buffer, as Hugging Face models keep theirs: never in a
+        # checkpoint, so whoever builds the model (a meta rank too) must get its values another way.
+        self.register_buffer("pos", torch.arange(config.block_size), persistent=False)  # (block_size,)
         if config.tie_embeddings:
             # one Parameter, two owners: FSDP must keep both in the same group
             self.lm_head.weight = self.wte.weight
@@ -167,8 +170,9 @@ class GPT(nn.Module):
 
         Linear and embedding weights ~ N(0, 0.02); the projections that write
         into the residual stream are scaled by 1/sqrt(2 * n_layer); biases 0,
-        LayerNorm weights 1.
+        LayerNorm weights 1; the position buffer 0, 1, 2, ...
         """
+        self.pos.copy_(torch.arange(self.config.block_size))
         gen = torch.Generator(device="cpu").manual_seed(seed)
         residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
         for name, p in self.named_parameters():  # a tied weight is visited once
@@ -193,8 +197,7 @@ class GPT(nn.Module):
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"GPT: sequence length {T} exceeds block_size={self.config.block_size}")
-        pos = torch.arange(T, device=idx.device)  # (T,)
-        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        x = self.drop(self.wte(idx) + self.wpe(self.pos[:T]))  # (B, T, C)
         for block in self.blocks:
             x = block(x)  # (B, T, C)
         logits = self.lm_head(self.ln_f(x))  # (B, T, vocab)

@@ -60,13 +60,12 @@ def clip_sharded_grads(grads: list, max_norm: float) -> float:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
     local = [g.to_local() for g in grads]
-    squares = torch.stack(torch._foreach_norm(local)).pow(2).sum()  # this rank's share of |g|^2
+    squares = torch.nn.utils.get_total_norm(local, 2.0, foreach=True).pow(2)  # this rank's share of |g|^2
     if dist.is_initialized():
         dist.all_reduce(squares)
     norm = squares.sqrt()
-    if max_norm != float("inf"):
-        scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        torch._foreach_mul_(local, scale)
+    if max_norm != float("inf"):  # g *= min(max_norm / (norm + 1e-6), 1), one foreach kernel
+        torch.nn.utils.clip_grads_with_norm_([_GradHolder(t) for t in local], max_norm, norm, foreach=True)
     return float(norm)
 
 

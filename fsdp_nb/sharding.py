@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fsdp_nb._torch import checkpoint_wrapper, is_torch_wrap_policy, run_wrap_policy
 from fsdp_nb.loading import (
     broadcast_from_rank0,
     fill_from_rank0,
@@ -40,6 +41,7 @@ from fsdp_nb.loading import (
 )
 from fsdp_nb.loading import build_on_rank0 as build_on_rank0  # its public path since the first release
 from fsdp_nb.optim_guard import remember_replaced
+from fsdp_nb.phases import fail_together
 
 if TYPE_CHECKING:
     from fsdp_nb.config import FSDPConfig
@@ -73,10 +75,14 @@ def shard(model: nn.Module, config: FSDPConfig, *, mesh: Any = None) -> nn.Modul
             "shard() needs an initialised process group: run it on the ranks of an "
             "fsdp_nb Session (%%fsdp cell) or under torchrun"
         )
-    config.validate_for_world(dist.get_world_size())
-    before = list(model.parameters())  # a tied parameter is listed once
-    units = wrap_units(model, config)  # 1. which submodules get their own unit
-    units = apply_activation_checkpointing(model, units, config)  # 2. recompute per unit
+    # Everything up to the first collective is local, and may fail on some ranks only (a
+    # class name, a meta tensor, a torch refusal): the ranks agree on the outcome before any
+    # of them broadcasts [Note: fail together].
+    with fail_together("shard()"):
+        config.validate_for_world(dist.get_world_size())
+        before = list(model.parameters())  # a tied parameter is listed once
+        units = wrap_units(model, config)  # 1. which submodules get their own unit
+        units = apply_activation_checkpointing(model, units, config)  # 2. recompute per unit
     if config.fsdp_version == 1:  # 3. shard units, then the root
         sharded = _apply_fsdp1(model, units, config)
     else:
@@ -122,8 +128,8 @@ def wrap_units(model: nn.Module, config: FSDPConfig) -> list[nn.Module]:
         units = _ask_fsdp1_policy(
             modules, lambda module, recurse, nonwrapped_numel: nonwrapped_numel >= config.min_num_params
         )
-    elif hasattr(policy, "_run_policy"):  # torch's ModuleWrapPolicy / CustomPolicy objects
-        chosen = {id(m) for m in policy._run_policy(model, set(), {})}
+    elif is_torch_wrap_policy(policy):  # torch's ModuleWrapPolicy / CustomPolicy objects
+        chosen = {id(m) for m in run_wrap_policy(policy, model)}
         units = [m for m in modules if id(m) in chosen]
     elif callable(policy):
         units = _ask_fsdp1_policy(modules, policy)
@@ -174,8 +180,6 @@ def apply_activation_checkpointing(model: nn.Module, units: list[nn.Module], con
             "activation_checkpointing=True needs wrap units to checkpoint; "
             f"auto_wrap_policy={config.auto_wrap_policy!r} selected none"
         )
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
     parent_of = {id(child): (parent, name) for parent in model.modules() for name, child in parent.named_children()}
     wrapped = []
     for unit in units:
@@ -229,8 +233,11 @@ def _apply_fsdp1(model: nn.Module, units: list[nn.Module], config: FSDPConfig) -
     mp = MixedPrecision(param_dtype=dtypes[0], reduce_dtype=dtypes[1], buffer_dtype=dtypes[0]) if dtypes else None
     unit_ids = {id(u) for u in units}
     strategy, prefetch = config.sharding_strategy, config.backward_prefetch
-    try:
-        wrapped = FSDP(
+    # On CPU wrapping is local (sync is ours, done above). On CUDA, FSDP1's own sync broadcasts
+    # inside the constructor, so a rank that fails before it leaves the others in that broadcast.
+    with fail_together("shard()"):
+        wrapped = _fsdp1_wrap(
+            FSDP,
             model,
             device_id=device,
             auto_wrap_policy=CustomPolicy(lambda m: id(m) in unit_ids) if units else None,
@@ -248,8 +255,18 @@ def _apply_fsdp1(model: nn.Module, units: list[nn.Module], config: FSDPConfig) -
             # ranks != 0 under cpu_ram_efficient_loading: one unit at a time gets (empty) storage
             param_init_fn=tie_keeping_init(device) if has_meta(model) else None,
         )
+    if loading:
+        fill_fsdp1_from_rank0(wrapped, full_state)
+    return wrapped
+
+
+def _fsdp1_wrap(FSDP, model: nn.Module, *, use_orig_params: bool, **kwargs) -> nn.Module:  # noqa: N803
+    """`FSDP(model, ...)`, with the refusal users meet most often (frozen and trainable parameters in
+    one FlatParameter) said in their terms."""
+    try:
+        return FSDP(model, use_orig_params=use_orig_params, **kwargs)
     except ValueError as err:
-        if "requires_grad" in str(err) and not config.use_orig_params:
+        if "requires_grad" in str(err) and not use_orig_params:
             raise ValueError(
                 "FSDP1 with use_orig_params=False flattens each unit's parameters into one "
                 "FlatParameter, which has a single requires_grad flag, so a unit cannot mix "
@@ -258,9 +275,6 @@ def _apply_fsdp1(model: nn.Module, units: list[nn.Module], config: FSDPConfig) -
                 "(torch's own error is the cause, shown above.)"
             ) from err
         raise
-    if loading:
-        fill_fsdp1_from_rank0(wrapped, full_state)
-    return wrapped
 
 
 def _apply_fsdp2(model: nn.Module, units: list[nn.Module], config: FSDPConfig, mesh: Any) -> nn.Module:
@@ -270,7 +284,8 @@ def _apply_fsdp2(model: nn.Module, units: list[nn.Module], config: FSDPConfig, m
     device = compute_device()
     mesh = mesh or init_device_mesh(device.type, (dist.get_world_size(),))
     dtypes = _dtypes(config)
-    ignored = {p for m in _ignored_modules(model, config) for p in m.parameters()}
+    with fail_together("shard()"):
+        ignored = {p for m in _ignored_modules(model, config) for p in m.parameters()}
     kwargs = dict(
         mesh=mesh,
         reshard_after_forward=config.reshard_after_forward,
@@ -285,16 +300,18 @@ def _apply_fsdp2(model: nn.Module, units: list[nn.Module], config: FSDPConfig, m
     )
     loading = config.cpu_ram_efficient_loading
     full_state = rank0_state(model) if loading else None
-    for unit in units:  # bottom-up: a unit's parameters leave the root's group
-        fully_shard(unit, **kwargs)
-    # The root: everything no unit claimed (tied embeddings too). Its backward starts the moment its
-    # forward ends (the head's gradient comes first), so resharding it after forward only to gather it
-    # again at once is pure cost: with reshard_after_forward=True the root gets torch's root default
-    # (None: kept gathered), as torch itself does when the option is left out.
-    root_reshard = None if kwargs["reshard_after_forward"] is True else kwargs["reshard_after_forward"]
-    fully_shard(model, **{**kwargs, "reshard_after_forward": root_reshard})
-    if loading:  # ranks != 0 hold meta shards: allocate them (shards only), then scatter rank 0's weights
-        materialize(model, device)
+    with fail_together("shard()"):  # fully_shard is local: no collective until the first forward
+        for unit in units:  # bottom-up: a unit's parameters leave the root's group
+            fully_shard(unit, **kwargs)
+        # The root: everything no unit claimed (tied embeddings too). Its backward starts the moment its
+        # forward ends (the head's gradient comes first), so resharding it after forward only to gather
+        # it again at once is pure cost: with reshard_after_forward=True the root gets torch's root
+        # default (None: kept gathered), as torch itself does when the option is left out.
+        root_reshard = None if kwargs["reshard_after_forward"] is True else kwargs["reshard_after_forward"]
+        fully_shard(model, **{**kwargs, "reshard_after_forward": root_reshard})
+        if loading:  # ranks != 0 hold meta shards: allocate them (shards only)
+            materialize(model, device)
+    if loading:  # then scatter rank 0's weights
         fill_from_rank0(model, full_state)
     if config.forward_prefetch:
         # each unit starts the all-gather of the next one before its own forward runs

@@ -8,11 +8,14 @@ load into the other, at any world size.
 Traps of torch 2.13 on CPU that this module steers around (each reproduced):
 - FSDP1's `offload_to_cpu` / `cpu_offload` full-state paths raise (use_orig_params=False),
   segfault (use_orig_params=True), or silently return `exp_avg_sq` as `exp_avg`
-  (its optimizer state): FSDP1 full state is gathered with `rank0_only=True,
-  offload_to_cpu=False` instead.
+  (its optimizer state) on CPU: there FSDP1 full state is gathered with
+  `rank0_only=True, offload_to_cpu=False` (on CUDA, with the offload).
 - `set_state_dict(..., broadcast_from_rank0=True)` with `{}` on the other ranks skips
   the model broadcast there and hangs rank 0: model and optimizer are set separately.
 - `set_model_state_dict` replaces the values of the dict it is given: it gets a copy.
+
+Every call into torch's state-dict helpers runs under `quiet()`: FSDP1's deprecation
+chatter stays inside our calls instead of flooding the cell's output.
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
-from fsdp_nb.sharding import fsdp_version_of
+from fsdp_nb._torch import is_sharded_tensor, sharded_tensor_like
+from fsdp_nb.checkpoint.quiet import quiet
+from fsdp_nb.sharding import compute_device, fsdp_version_of
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -44,24 +49,35 @@ def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> 
     With an optimizer that has not stepped yet, torch creates its (zero) state first,
     so the dict has a slot for every tensor a checkpoint may hold.
     """
-    if optimizer is None:
-        return {"model": get_model_state_dict(model)}
-    model_state, optim_state = get_state_dict(model, optimizer)
+    with quiet():
+        if optimizer is None:
+            return {"model": get_model_state_dict(model)}
+        model_state, optim_state = get_state_dict(model, optimizer)
     return {"model": model_state, "optim": optim_state}
 
 
 def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict | None:
     """The whole state gathered on rank 0 (a collective); None on the other ranks."""
     rank, _ = rank_and_world()
+    with quiet():
+        state = _full_state(model, optimizer)
+    return state if rank == 0 else None
+
+
+def _full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
     if fsdp_version_of(model) == 1:
         from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
+        # On CUDA the gathered state goes to CPU memory as it is gathered, or rank 0 would hold the
+        # whole model and optimizer on its GPU. On CPU, where it is already, torch's offload path
+        # breaks (see the module's notes), so it is used on CUDA only.
+        offload = compute_device().type != "cpu" if dist.is_initialized() else False
         with FSDP.state_dict_type(
             model,
             StateDictType.FULL_STATE_DICT,
-            FullStateDictConfig(offload_to_cpu=False, rank0_only=True),  # offload_to_cpu=True breaks on CPU
-            FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=True),
+            FullStateDictConfig(offload_to_cpu=offload, rank0_only=True),
+            FullOptimStateDictConfig(offload_to_cpu=offload, rank0_only=True),
         ):
             state = {"model": model.state_dict()}
             if optimizer is not None:
@@ -71,17 +87,17 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dic
         state = {"model": get_model_state_dict(model, options=options)}
         if optimizer is not None:
             state["optim"] = get_optimizer_state_dict(model, optimizer, options=options)
-    return state if rank == 0 else None
+    return state
 
 
 def shapes(model_state: dict) -> dict[str, tuple[int, ...]]:
     """Global shape of every entry of a model state dict (a shard reports its whole tensor's shape)."""
     out = {}
     for key, value in model_state.items():
-        if isinstance(value, DTensor) or torch.is_tensor(value):
-            out[key] = tuple(value.shape)
-        elif hasattr(value, "metadata"):  # FSDP1's ShardedTensor
+        if is_sharded_tensor(value):  # FSDP1's ShardedTensor: its .shape warns
             out[key] = tuple(value.metadata().size)
+        elif isinstance(value, DTensor) or torch.is_tensor(value):
+            out[key] = tuple(value.shape)
     return out
 
 
@@ -103,25 +119,28 @@ def mismatch(saved: dict[str, tuple], wanted: dict[str, tuple], limit: int = 3) 
 
 
 def clone_local(obj):
-    """A copy of this rank's shards, structure kept, for a background write while training goes on.
+    """A copy of this rank's shards in CPU memory, structure kept, for a background write while
+    training goes on. On CUDA the copy leaves the GPU: holding a second copy of the parameters and
+    AdamW state there for the whole write would cost as much GPU memory as the state itself.
 
     FSDP1's ShardedTensor has no `data_ptr`, which is why `dcp.async_save` refuses it;
-    rebuilding it (and DTensors) around cloned local tensors works for both versions.
+    rebuilding it around copied local tensors works. A DTensor's `.to("cpu")` is a DTensor
+    whose local tensor is in CPU memory, as torch's own async staging makes it; its mesh
+    stays the GPU's, so the write knows each shard's place.
     """
     if isinstance(obj, dict):
         return {k: clone_local(v) for k, v in obj.items()}
     if isinstance(obj, list):
         return [clone_local(v) for v in obj]
     if isinstance(obj, DTensor):
-        local = obj.to_local().detach().to("cpu", copy=True)
-        return DTensor.from_local(
-            local, obj.device_mesh, obj.placements, run_check=False, shape=obj.shape, stride=obj.stride()
-        )
-    if hasattr(obj, "local_shards") and hasattr(obj, "metadata"):  # ShardedTensor
-        from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
-
-        shards = [Shard(s.tensor.detach().to("cpu", copy=True), s.metadata) for s in obj.local_shards()]
-        return ShardedTensor._init_from_local_shards_and_global_metadata(shards, obj.metadata())
+        copy = obj.detach().to("cpu", copy=True)  # still a DTensor, over the same mesh and placements
+        if copy.to_local().data_ptr() == obj.to_local().data_ptr():  # pragma: no cover - a copy is a copy
+            raise RuntimeError("clone_local: a DTensor's copy shares its storage")
+        return copy
+    if is_sharded_tensor(obj):
+        if all(s.tensor.device.type == "cpu" for s in obj.local_shards()):
+            return sharded_tensor_like(obj, [s.tensor.detach().to("cpu", copy=True) for s in obj.local_shards()])
+        return obj.cpu()  # a copy on CPU, its metadata moved there too
     if torch.is_tensor(obj):
         return obj.detach().to("cpu", copy=True)
     return obj
@@ -129,14 +148,20 @@ def clone_local(obj):
 
 def load_sharded_into(model: nn.Module, optimizer: torch.optim.Optimizer | None, state: dict) -> None:
     """Set model (and optimizer) from a `sharded_state` dict that DCP has filled."""
-    if optimizer is None:
-        set_model_state_dict(model, state["model"])
-    else:
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    with quiet():
+        if optimizer is None:
+            set_model_state_dict(model, state["model"])
+        else:
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
 def load_full_into(model: nn.Module, optimizer: torch.optim.Optimizer | None, state: dict | None) -> None:
     """Set model (and optimizer) from a full state that only rank 0 holds; the others pass None."""
+    with quiet():
+        _load_full_into(model, optimizer, state)
+
+
+def _load_full_into(model: nn.Module, optimizer: torch.optim.Optimizer | None, state: dict | None) -> None:
     if not dist.is_initialized():
         set_model_state_dict(model, dict(state["model"]), options=StateDictOptions(full_state_dict=True))
         if optimizer is not None:

@@ -21,102 +21,75 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.fsdp._common_utils import clean_tensor_name
-from torch.distributed.fsdp._traversal_utils import _get_fsdp_handles
 from torch.distributed.tensor import DTensor, Shard
 
+from fsdp_nb._torch import FlatInfo, clean_name, flat_info, fsdp1_handles, fsdp2_group, fsdp2_params, joined
 from fsdp_nb.layout.model import Fsdp1Layout, Fsdp2Layout, shard_flat
 from fsdp_nb.layout.rules import fsdp1_problems, fsdp2_problems
 from fsdp_nb.layout.specs import ParamSpec, RankBytes, Segment
 
 
-def _clean(module_name: str) -> str:
-    """ "l2._fsdp_wrapped_module" -> "l2"; the root's wrapped module -> ""."""
-    return clean_tensor_name(module_name + ".").rstrip(".") if module_name else ""
-
-
-def prefixed(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
-
-
 # ---------------------------------------------------------------- FSDP1 ----
-def flat_handles(module: nn.Module) -> dict[str, object]:
-    """Each FlatParamHandle in `module`, keyed by the clean name of the module it wraps."""
-    names = {id(m): n for n, m in module.named_modules()}
-    return {_clean(names.get(id(h._fully_sharded_module), "")): h for h in _get_fsdp_handles(module)}
-
-
-def _flat_specs(handle, prefix: str) -> tuple[ParamSpec, ...]:
-    flat = handle.flat_param
-    if handle._use_orig_params:
-        grads = [p.requires_grad for p in flat._params]  # the original parameters, metadata only
-    else:
-        grads = [flat.requires_grad] * len(flat._fqns)  # uniform, or FSDP1 would have refused
+def _flat_specs(info: FlatInfo, prefix: str) -> tuple[ParamSpec, ...]:
     return tuple(
-        ParamSpec(name=prefixed(prefix, fqn), shape=tuple(shape), dtype=handle._orig_param_dtype, requires_grad=g)
-        for fqn, shape, g in zip(flat._fqns, flat._shapes, grads)
+        ParamSpec(name=joined(prefix, name), shape=tuple(shape), dtype=info.dtype, requires_grad=g)
+        for name, shape, g in zip(info.names, info.shapes, info.requires_grad)
     )
 
 
-def _own_shard(flat, names: list[str]) -> tuple[Segment, ...]:
-    """This rank's chunk from `_shard_param_infos`: parameter pieces by offset, gaps are padding."""
-    pieces = sorted(
-        (info.offset_in_shard, name, info.intra_param_start_idx, info.intra_param_end_idx + 1)
-        for name, info in zip(names, flat._shard_param_infos)
-        if info.in_shard
-    )
+def _own_shard(info: FlatInfo, names: list[str]) -> tuple[Segment, ...]:
+    """This rank's chunk from torch's shard metadata: parameter pieces by offset, gaps are padding."""
+    pieces = sorted((p.offset, name, p.start, p.stop) for name, p in zip(names, info.pieces) if p is not None)
     out, cursor = [], 0
     for offset, name, start, stop in pieces:
         if offset > cursor:  # alignment padding between parameters
             out.append(Segment(None, 0, offset - cursor))
         out.append(Segment(name, start, stop))  # flat_param[offset : offset + stop - start]
         cursor = offset + stop - start
-    local = flat._sharded_size.numel()
-    if local > cursor:  # world-size padding, or `_shard_numel_padded` on the last ranks
-        out.append(Segment(None, 0, local - cursor))
+    if info.local_numel > cursor:  # world-size padding, or `_shard_numel_padded` on the last ranks
+        out.append(Segment(None, 0, info.local_numel - cursor))
     return tuple(out)
 
 
 def _fsdp1_layout(handle, prefix: str) -> Fsdp1Layout:
-    flat = handle.flat_param
+    info = flat_info(handle)
     # NO_SHARD keeps the whole FlatParameter on every rank: a group of one.
-    world, rank = (handle.world_size, handle.rank) if handle.uses_sharded_strategy else (1, 0)
-    specs = _flat_specs(handle, prefix)
+    world, rank = info.world_size, info.rank
+    specs = _flat_specs(info, prefix)
     names = iter(s.name for s in specs)
     entries = tuple(
         Segment(None, 0, n) if pad else Segment(next(names), 0, n)
-        for n, pad in zip(flat._numels_with_padding, flat._is_padding_mask)
+        for n, pad in zip(info.numels_with_padding, info.is_padding)
     )
     shards = list(shard_flat(entries, world))
-    shards[rank] = _own_shard(flat, [s.name for s in specs])
+    shards[rank] = _own_shard(info, [s.name for s in specs])
     return Fsdp1Layout(
         params=specs,
         world_size=world,
-        use_orig_params=handle._use_orig_params,
+        use_orig_params=info.use_orig_params,
         flat=entries,
         shards=tuple(shards),
-        problems=fsdp1_problems(specs, handle._use_orig_params),
+        problems=fsdp1_problems(specs, info.use_orig_params),
         observed_ranks=(rank,),
     )
 
 
 def fsdp1_layouts_of(module: nn.Module) -> dict[str, Fsdp1Layout]:
     """One layout per FlatParameter of an FSDP1 module, keyed by the wrapped module's name ("" = root)."""
-    return {name: _fsdp1_layout(h, name) for name, h in flat_handles(module).items()}
+    return {name: _fsdp1_layout(h, name) for name, h in fsdp1_handles(module).items()}
 
 
 # ---------------------------------------------------------------- FSDP2 ----
 def _fsdp_params(module: nn.Module) -> list[tuple[str, str, object]]:
-    """(parameter name, fully_shard group name, FSDPParam) in `named_parameters` order."""
+    """(parameter name, fully_shard group name, ShardedParamInfo) in `named_parameters` order."""
     names = {id(m): n for n, m in module.named_modules()}
     found = {}
     for m in module.modules():
         if not isinstance(m, FSDPModule):
             continue
-        group = m._get_fsdp_state()._fsdp_param_group
-        for fp in group.fsdp_params if group is not None else ():
-            info = fp._module_info
-            found[prefixed(names[id(info.module)], info.param_name)] = (names[id(m)], fp)
+        group = fsdp2_group(m)
+        for fp in fsdp2_params(group) if group is not None else ():
+            found[joined(names[id(fp.module)], fp.param_name)] = (names[id(m)], fp)
     return [(n, *found[n]) for n, _ in module.named_parameters() if n in found]
 
 
@@ -127,12 +100,12 @@ def _fsdp2_layout(module: nn.Module) -> Fsdp2Layout:
     specs, groups, ranges, padded = [], [], [], []
     worlds = set()
     for name, group, fp in entries:
-        p = fp.sharded_param  # DTensor, global shape
-        if fp.fsdp_placement.dim != 0:
+        p = fp.sharded  # DTensor, global shape
+        if fp.shard_dim != 0:
             raise NotImplementedError(
-                f"layout_of: {name} is sharded on dim {fp.fsdp_placement.dim}; only dim 0 (the default) is modelled"
+                f"layout_of: {name} is sharded on dim {fp.shard_dim}; only dim 0 (the default) is modelled"
             )
-        rank, world = fp.mesh_info.shard_mesh_rank, fp.mesh_info.shard_mesh_size
+        rank, world = fp.shard_rank, fp.shard_world
         worlds.add(world)
         rows = p.shape[0]
         local_rows = p.to_local().shape[0]
@@ -147,7 +120,7 @@ def _fsdp2_layout(module: nn.Module) -> Fsdp2Layout:
         specs.append(ParamSpec(name=name, shape=tuple(p.shape), dtype=p.dtype, requires_grad=p.requires_grad))
         groups.append(group)
         ranges.append(tuple(rank_ranges))
-        padded.append(fp.padded_sharded_param_size[0])  # rows of the all-gather input on every rank
+        padded.append(fp.padded_rows)  # rows of the all-gather input on every rank
     if len(worlds) != 1:
         raise NotImplementedError(f"layout_of: parameters are sharded over different group sizes {sorted(worlds)}")
     return Fsdp2Layout(
@@ -213,11 +186,11 @@ def specs_of_sharded(module: nn.Module) -> tuple[ParamSpec, ...]:
     """
     if _is_fsdp2(module):
         return tuple(_fsdp2_layout(module).params)
-    specs = [s for name, h in flat_handles(module).items() for s in _flat_specs(h, name)]
+    specs = [s for name, h in fsdp1_handles(module).items() for s in _flat_specs(flat_info(h), name)]
     # Nested FlatParameters list their parameters out of order; sort by owning module, pre-order.
     order = {}
     for n, _ in module.named_modules():
-        order.setdefault(_clean(n), len(order))
+        order.setdefault(clean_name(n), len(order))
     position = {s.name: i for i, s in enumerate(specs)}
     return tuple(sorted(specs, key=lambda s: (order.get(s.name.rpartition(".")[0], -1), position[s.name])))
 
@@ -274,10 +247,10 @@ def memory_of(module: nn.Module, optimizer: torch.optim.Optimizer | None = None)
     covered by parameter data. Call it between steps, when parameters are sharded.
     """
     pieces = {}
-    for h in _get_fsdp_handles(module):  # FSDP1: real pieces of each local FlatParameter chunk
-        flat = h.flat_param
-        real = [(i.offset_in_shard, i.numel_in_shard) for i in flat._shard_param_infos if i.in_shard]
-        pieces[id(flat)] = (flat, real)
+    for h in fsdp1_handles(module).values():  # FSDP1: real pieces of each local FlatParameter chunk
+        info = flat_info(h)
+        real = [(p.offset, p.stop - p.start) for p in info.pieces if p is not None]
+        pieces[id(info.flat)] = (info.flat, real)
     tensors = list(pieces.values()) + [(p, None) for p in module.parameters() if id(p) not in pieces]
     params, grads, optim = _Ledger(), _Ledger(), _Ledger()
     for t, real in tensors:

@@ -29,21 +29,21 @@ import threading
 import time
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from fsdp_nb._torch import (
+    clean_name,
+    collective_functions,
+    fsdp1_gathered_bytes,
+    fsdp1_handles,
+    fsdp1_unit_module,
+    fsdp2_gathered_bytes,
+    fsdp2_group,
+    fsdp2_group_name,
+    in_backward,
+    unit_entry_points,
+)
 from fsdp_nb.trace.spans import Span
-
-_COLLECTIVES = {  # torch.distributed function -> span kind (the names FSDP1 and FSDP2 call on CPU)
-    "all_gather": "all_gather",
-    "all_gather_single": "all_gather",
-    "all_gather_into_tensor": "all_gather",
-    "_all_gather_base": "all_gather",
-    "reduce_scatter_single": "reduce_scatter",
-    "reduce_scatter_tensor": "reduce_scatter",
-    "_reduce_scatter_base": "reduce_scatter",
-    "all_reduce": "all_reduce",
-}
 
 
 def _now() -> float:
@@ -60,6 +60,10 @@ class Recorder:
         if self.version == 0:
             raise ValueError(f"trace: {type(model).__name__} is not sharded by FSDP1 or FSDP2; pass the sharded model")
         self.units, self.owners = _units(model, self.version)  # id(module) -> clean name; "" is the root
+        # Everything the recorder needs from torch's internals is looked up now: a missing name
+        # refuses the trace, naming it, instead of drawing empty lanes later.
+        self.entry_points = unit_entry_points(self.version)
+        self.collectives = collective_functions()
         self.probes = _memory_probes(model, self.version)
         self.spans: list[Span] = []
         self.memory: list[tuple[float, int]] = []
@@ -71,6 +75,7 @@ class Recorder:
         self._forward_depth = 0  # > 0 inside some unit's forward
         self._calls = threading.local()  # per thread: inside a collective (a deprecated name forwarding)
         self._thread = threading.get_ident()  # the training thread: others (a background save) are not traced
+        self._in_step = False  # collectives between steps (the clock's barrier) belong to no step
         self._undo: list = []
 
     # ---- install / remove ----------------------------------------------------------
@@ -90,11 +95,9 @@ class Recorder:
         self._undo.append(module_hooks.register_module_forward_hook(self._forward_post).remove)
         self._undo.append(register_optimizer_step_pre_hook(self._optimizer_pre).remove)
         self._undo.append(register_optimizer_step_post_hook(self._optimizer_post).remove)
-        for namespace in (dist, dist.distributed_c10d):
-            for name, kind in _COLLECTIVES.items():
-                if hasattr(namespace, name):
-                    self._patch(namespace, name, self._collective(getattr(namespace, name), kind))
-        for owner, method, kind in _unit_entry_points(self.version):
+        for namespace, name, kind in self.collectives:
+            self._patch(namespace, name, self._collective(getattr(namespace, name), kind))
+        for owner, method, kind in self.entry_points:
             self._patch(owner, method, self._naming(getattr(owner, method), kind))
 
     def __exit__(self, *exc) -> None:
@@ -111,9 +114,11 @@ class Recorder:
     def run_step(self, fn) -> object:
         start = _now()
         self.sample(start)
+        self._in_step = True
         try:
             return fn()
         finally:
+            self._in_step = False
             end = _now()
             self.sample(end)
             self.steps.append((start, end))
@@ -167,7 +172,7 @@ class Recorder:
         a loss averaged over ranks, a gradient norm)."""
         if self._in_optimizer:
             return "optimizer"
-        if torch._C._current_graph_task_id() != -1:
+        if in_backward():
             return "backward"
         return "forward" if self._forward_depth > 0 else "step"
 
@@ -175,7 +180,8 @@ class Recorder:
         def traced(*args, **kwargs):
             # Count once (a deprecated name forwards to a newer one), and only the training thread's:
             # a background checkpoint writes on its own group from its own thread.
-            if getattr(self._calls, "inside", False) or threading.get_ident() != self._thread:
+            inside = getattr(self._calls, "inside", False)
+            if inside or not self._in_step or threading.get_ident() != self._thread:
                 return fn(*args, **kwargs)
             self._calls.inside = True
             start = _now()
@@ -211,19 +217,13 @@ class Recorder:
         return named
 
     def _unit_of(self, obj) -> str:
-        if hasattr(obj, "_module_fqn"):  # FSDP2's FSDPParamGroup
-            return _clean(obj._module_fqn or "")
-        handle = getattr(obj, "_handle", obj)  # FSDP1: the FSDP state (for _reduce_grad) or the handle
-        return self.owners.get(id(getattr(handle, "_fully_sharded_module", None)), "")
+        if self.version == 2:  # FSDP2's FSDPParamGroup
+            return fsdp2_group_name(obj)
+        # FSDP1: the FSDP state (`_reduce_grad`'s first argument) or the FlatParamHandle
+        return self.owners.get(id(fsdp1_unit_module(obj)), "")
 
 
 # ---- what to hook -----------------------------------------------------------------------
-def _clean(name: str) -> str:
-    for wrapper in ("_fsdp_wrapped_module", "_checkpoint_wrapped_module"):
-        name = name.replace(wrapper + ".", "").replace(wrapper, "")
-    return name.strip(".")
-
-
 def _units(model: nn.Module, version: int) -> tuple[dict[int, str], dict[int, str]]:
     """Two maps to unit names: the modules whose forward is the unit's (FSDP1: the FSDP wrappers;
     FSDP2: the modules `fully_shard` was called on), and the modules FSDP's handles point at."""
@@ -233,58 +233,26 @@ def _units(model: nn.Module, version: int) -> tuple[dict[int, str], dict[int, st
     units, owners = {}, {}
     for name, module in model.named_modules():
         if version == 1 and isinstance(module, FSDP):
-            units[id(module)] = owners[id(module.module)] = _clean(name)
+            units[id(module)] = owners[id(module.module)] = clean_name(name)
         elif version == 2 and isinstance(module, FSDPModule):
-            units[id(module)] = owners[id(module)] = _clean(name)
+            units[id(module)] = owners[id(module)] = clean_name(name)
     return units, owners
 
 
-def _unit_entry_points(version: int) -> list[tuple[object, str, str]]:
-    if version == 2:
-        from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
-
-        return [
-            (FSDPParamGroup, "unshard", "unshard"),
-            (FSDPParamGroup, "wait_for_unshard", "wait"),
-            (FSDPParamGroup, "post_backward", "post_backward"),
-        ]
-    from torch.distributed.fsdp import _runtime_utils
-    from torch.distributed.fsdp._flat_param import FlatParamHandle
-
-    # FSDP1 reduces a unit's gradient in `_runtime_utils._reduce_grad(state, handle)`, a module function
-    return [(FlatParamHandle, "unshard", "unshard"), (_runtime_utils, "_reduce_grad", "post_backward")]
-
-
 def _memory_probes(model: nn.Module, version: int) -> list:
-    """Functions returning the bytes of unsharded parameter storage alive now, one per unit."""
-    probes = []
+    """Functions returning the bytes of unsharded parameter storage alive now, one per unit.
+
+    Each is called once here, so a torch without the buffers they read refuses the trace now."""
     if version == 2:
         from torch.distributed.fsdp import FSDPModule
 
-        for module in model.modules():
-            if isinstance(module, FSDPModule):
-                group = module._get_fsdp_state()._fsdp_param_group
-                if group is not None:
-                    probes.append(lambda g=group: _fsdp2_bytes(g))
+        groups = [fsdp2_group(m) for m in model.modules() if isinstance(m, FSDPModule)]
+        probes = [lambda g=g: fsdp2_gathered_bytes(g) for g in groups if g is not None]
     else:
-        from torch.distributed.fsdp._traversal_utils import _get_fsdp_handles
-
-        for handle in _get_fsdp_handles(model):
-            flat = handle.flat_param
-            if hasattr(flat, "_full_param_padded"):
-                probes.append(lambda f=flat: f._full_param_padded.untyped_storage().nbytes())
+        probes = [lambda h=h: fsdp1_gathered_bytes(h) for h in fsdp1_handles(model).values()]
+    for probe in probes:
+        probe()
     return probes
-
-
-def _fsdp2_bytes(group) -> int:
-    total = 0
-    for fsdp_param in group.fsdp_params:
-        for out in getattr(fsdp_param, "all_gather_outputs", None) or ():
-            total += out.untyped_storage().nbytes()
-    pending = getattr(group, "_all_gather_result", None)  # a prefetched gather not yet copied out
-    if pending is not None and getattr(pending, "all_gather_output", None) is not None:
-        total += pending.all_gather_output.untyped_storage().nbytes()
-    return total
 
 
 def _tensors(output) -> list[torch.Tensor]:
