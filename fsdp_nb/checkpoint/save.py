@@ -31,23 +31,34 @@ from torch import nn
 from fsdp_nb.checkpoint import state as S
 from fsdp_nb.checkpoint import store
 from fsdp_nb.checkpoint.store import CheckpointError
-from fsdp_nb.rank import events
+from fsdp_nb.phases import describe, outcomes
+from fsdp_nb.rank import events, pending
 from fsdp_nb.sharding import config_of, fsdp_version_of
 
 KINDS = ("SHARDED_STATE_DICT", "FULL_STATE_DICT")
 _pending: AsyncCheckpoint | None = None  # at most one background save per process at a time
-_groups: dict[int, object] = {}  # default process group -> the checkpoint's own gloo group
+# (the default process group, the checkpoint's own gloo group made for it). The default group is
+# held, not its id: after destroy_process_group and a new init, a new group may get the old id.
+_group: tuple[object, object] | None = None
 
 
 class AsyncCheckpoint:
-    """A checkpoint being written in the background: `.wait()` for it, `.done()` to ask."""
+    """A checkpoint being written in the background: `.wait()` for it, `.done()` to ask.
+
+    The writing thread is a daemon, so a stuck write can never keep a process alive
+    forever; every way a process ends waits for it first, up to a bound
+    (`fsdp_nb.rank.pending`): a session's shutdown, restart and the kernel's death, and
+    the end of a script.
+    """
 
     def __init__(self, path: Path, write):
         self.path, self.error, self.seconds = path, None, None
+        self.what = f"checkpoint {path}"
         self.reported = False  # its error was raised to the caller once: not again by a later save
         self._finished = threading.Event()  # set by the thread itself: an interrupted join cannot fake it
         self._start = time.perf_counter()
         self._thread = threading.Thread(target=self._run, args=(write,), name=f"fsdp_nb-save {path.name}", daemon=True)
+        pending.add(self)
         self._thread.start()
 
     def _run(self, write) -> None:
@@ -57,7 +68,12 @@ class AsyncCheckpoint:
             self.error = e
         self.seconds = time.perf_counter() - self._start
         self._finished.set()
+        pending.discard(self)
         _report(self.path, "failed" if self.error else "saved", self.seconds, background=True)
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the thread, without raising its error (`pending.finish` uses this)."""
+        self._finished.wait(timeout)
 
     def done(self) -> bool:
         """True once the checkpoint is written (or has failed: `.wait()` raises then)."""
@@ -105,7 +121,7 @@ def save_checkpoint(
     extra = json.loads(json.dumps(extra or {}))  # a copy as of now: the caller may go on changing it
     wait_pending()  # background saves share one group: one at a time
     rank, world = S.rank_and_world()
-    token, problem = _prepare(path) if rank == 0 else (None, None)
+    token, problem = _prepare_safely(path) if rank == 0 else (None, None)
     token, problem = from_rank0((token, problem))  # every rank learns rank 0's verdict: none waits alone
     if problem:
         raise CheckpointError(problem)
@@ -116,8 +132,8 @@ def save_checkpoint(
         state = S.sharded_state(model, optimizer) if kind == KINDS[0] else S.full_state(model, optimizer)
         snapshot = S.clone_local(state) if async_save else state  # training may change the parameters from here
     except BaseException as e:
-        failure = _describe(e)
-    failures = _gather_failures(failure, None)
+        failure = describe(e)
+    failures = outcomes(failure, None)
     if failures:
         if rank == 0:
             store.discard(tmp)
@@ -169,6 +185,14 @@ def _prepare(path: Path) -> tuple[str, str | None]:
     return token, None
 
 
+def _prepare_safely(path: Path) -> tuple[str, str | None]:
+    """`_prepare`, whose every failure becomes the problem rank 0 shares: the others wait in that broadcast."""
+    try:
+        return _prepare(path)
+    except Exception as e:  # a directory we may not list, a path too long, ...
+        return "", f"cannot save a checkpoint at {path}: {describe(e)}"
+
+
 def from_rank0(value):
     box = [value]
     if dist.is_initialized():
@@ -207,8 +231,8 @@ def _write(state: dict | None, tmp: Path, path: Path, info: dict, *, group) -> N
             store.write_manifest(tmp, **info)
             store.publish(tmp, path)
     except BaseException as e:  # dcp's CheckpointException is a BaseException; so is a KeyboardInterrupt
-        failure = _describe(e)
-    failures = _gather_failures(failure, group)
+        failure = describe(e)
+    failures = outcomes(failure, group)
     if failures:
         if rank == 0:
             store.discard(tmp)
@@ -217,33 +241,15 @@ def _write(state: dict | None, tmp: Path, path: Path, info: dict, *, group) -> N
                               "checkpoints are untouched")  # fmt: skip
 
 
-def _describe(e: BaseException) -> str:
-    failures = getattr(e, "failures", None)  # CheckpointException: {rank: exception}
-    if failures:
-        r, inner = sorted(failures.items())[0]
-        e = getattr(inner, "exc", inner)
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
-def _gather_failures(failure: str | None, group) -> list[tuple[int, str]]:
-    """Every rank's failure, if any; also the barrier that ends a save."""
-    if not dist.is_initialized():
-        return [(0, failure)] if failure else []
-    everyone: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(everyone, failure, group=group)
-    ranks = dist.get_process_group_ranks(group) if group is not None else range(len(everyone))
-    return [(r, f) for r, f in zip(ranks, everyone) if f]
-
-
 def _checkpoint_group():
     """A gloo group for background saves, made once per process group (all ranks call this together)."""
+    global _group
     if not dist.is_initialized():
         return None
-    key = id(dist.group.WORLD)
-    if key not in _groups:
-        _groups[key] = dist.new_group(backend="gloo")
-    return _groups[key]
+    world = dist.group.WORLD
+    if _group is None or _group[0] is not world:
+        _group = (world, dist.new_group(backend="gloo"))
+    return _group[1]
 
 
 def _report(path: Path, status: str, seconds: float, background: bool = False) -> None:

@@ -12,6 +12,9 @@ Lifetime rules (docs/architecture.md, "Signals"):
   a closed pipe (EOF) does the same when the rank is idle. No orphans.
 - Exit is barrier -> destroy_process_group -> os._exit, which keeps gloo from
   aborting at interpreter teardown.
+- Every exit, the kernel's death included, first finishes the rank's background
+  work (an async checkpoint being written), up to `pending.FINISH_TIMEOUT_S`; on a
+  Shutdown the rank tells the kernel it is doing so, and the kernel waits as long.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import time
 import types
 from typing import NoReturn
 
-from fsdp_nb.rank import events
+from fsdp_nb.rank import events, pending
 from fsdp_nb.rank.cells import RankStream, mime_bundle, run_source
 from fsdp_nb.rank.errors import format_error
 from fsdp_nb.session import protocol as P
@@ -77,13 +80,26 @@ class _Rank:
         self.send(P.Event(self.request_id, self.rank, kind, payload))
 
 
+_exiting = threading.Lock()
+
+
+def _exit(code: int) -> NoReturn:
+    """End the process, after the background work it started (a checkpoint being written).
+
+    The watchdog and the main thread may both get here when the kernel dies; the second
+    waits on the lock, and the process ends from the first."""
+    with _exiting:
+        pending.finish()  # bounded: pending.FINISH_TIMEOUT_S
+        os._exit(code)
+
+
 def _watch_parent(parent_pid: int) -> None:
     # Polling getppid survives every way the kernel can die, SIGKILL included,
     # and does not depend on which kernel thread created the session.
     while True:
         time.sleep(WATCHDOG_PERIOD_S)
         if os.getppid() != parent_pid:
-            os._exit(70)
+            _exit(70)
 
 
 def _init_process_group(rank: int, world_size: int, opts: dict):
@@ -169,7 +185,7 @@ def _loop(state: _Rank, dist) -> NoReturn:
         try:
             msg = state.conn.recv()
         except (EOFError, OSError):  # the kernel closed the pipe or died
-            os._exit(0)
+            _exit(0)
         if isinstance(msg, P.Shutdown):
             _shutdown(state, dist, msg)  # NoReturn: the process exits inside
         state.request_id = msg.id
@@ -248,8 +264,14 @@ def _pull(state: _Rank, msg: P.Pull) -> P.Done:
 
 
 def _shutdown(state: _Rank, dist, msg: P.Shutdown) -> NoReturn:
-    """Leave the process group, answer Done, and exit the process: this never returns."""
+    """Finish background work, leave the process group, answer Done, and exit: this never returns."""
     try:
+        busy = pending.pending()
+        if busy:  # the kernel stretches its grace period to match, and says so
+            state.send(P.Finishing(state.rank, "; ".join(busy), pending.FINISH_TIMEOUT_S))
+            left = pending.finish()
+            if left:
+                os._exit(P.ABANDONED_EXIT)  # the kernel names what was abandoned
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()

@@ -141,17 +141,47 @@ class RankGroup:
             raise SessionError(problem)
 
     def stop(self, graceful: bool) -> None:
-        """Barrier, destroy_process_group and exit on every rank when `graceful`; then SIGKILL stragglers."""
+        """Barrier, destroy_process_group and exit on every rank when `graceful`; then SIGKILL stragglers.
+
+        A rank still writing an async checkpoint says so (Finishing) and gets that long to
+        finish it: one line tells the user why closing takes a while, and another which
+        checkpoint was abandoned if it did not finish."""
         if graceful:
             for rk in self.ranks:
                 try:
                     rk.conn.send(P.Shutdown())
                 except OSError:
                     pass
-            deadline = time.monotonic() + CLOSE_GRACE_S
-            for rk in self.ranks:
-                rk.proc.join(max(0.0, deadline - time.monotonic()))
+            finishing = self._wait_exit(time.monotonic() + CLOSE_GRACE_S)
+            alive = [rk.rank for rk in self.ranks if rk.proc.exitcode is None]
+            abandoned = finishing and (alive or any(rk.proc.exitcode == P.ABANDONED_EXIT for rk in self.ranks))
+            if abandoned:
+                print(f"fsdp_nb: abandoned {finishing}: not finished in time; it stays incomplete and never loads")
         self.kill()
+
+    def _wait_exit(self, deadline: float) -> str | None:
+        """Wait for every rank to exit, reading what they send meanwhile; returns the background
+        work a rank said it was finishing (the deadline stretched to cover it), or None."""
+        finishing = None
+        conns = {rk.conn: rk for rk in self.ranks}
+        while True:
+            # One reading of who is alive: a rank that exits between two readings must not leave
+            # `wait` with nothing to watch, which would sleep until the deadline.
+            sentinels = [rk.proc.sentinel for rk in self.ranks if rk.proc.exitcode is None]
+            left = deadline - time.monotonic()
+            if not sentinels or left <= 0:
+                break
+            for obj in wait(list(conns) + sentinels, timeout=min(left, 1.0)):
+                if obj not in conns:
+                    continue  # a rank exited: the loop condition sees it
+                msg = recv(obj)
+                if msg is None:
+                    del conns[obj]  # closed: the rank is exiting
+                elif isinstance(msg, P.Finishing) and finishing is None:
+                    finishing = msg.what
+                    deadline = max(deadline, time.monotonic() + msg.timeout + CLOSE_GRACE_S)
+                    print(f"fsdp_nb: waiting up to {msg.timeout:.0f} s for {msg.what} to finish writing")
+        return finishing
 
     def kill(self) -> None:
         for rk in self.ranks:

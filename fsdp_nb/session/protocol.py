@@ -2,7 +2,8 @@
 
 Kernel -> rank: Execute, Push, Pull, Shutdown.
 Rank -> kernel: Ready (once, after init_process_group), then for each request any
-number of Stream / Display / Event messages followed by exactly one Done.
+number of Stream / Display / Event messages followed by exactly one Done. After
+Shutdown, a rank with background work sends Finishing before its Done.
 
 Everything here is a plain slotted dataclass so that pickling a message costs a few
 microseconds: a trivial cell is two small messages per rank, and the round trip
@@ -49,6 +50,9 @@ class Shutdown:
     id: int = 0
 
 
+ABANDONED_EXIT = 75  # a rank's exit code when its background work did not finish before the bound
+
+
 # ---- rank -> kernel -------------------------------------------------------------
 @dataclass(slots=True)
 class Ready:
@@ -65,6 +69,15 @@ class StartFailed:
 
     rank: int
     error: str
+
+
+@dataclass(slots=True)
+class Finishing:
+    """After Shutdown: the rank first finishes `what` (an async checkpoint), for up to `timeout` seconds."""
+
+    rank: int
+    what: str
+    timeout: float
 
 
 @dataclass(slots=True)

@@ -17,6 +17,7 @@ kernel interrupt is relayed to the ranks as KeyboardInterrupt.
 
 from __future__ import annotations
 
+import atexit
 import enum
 import itertools
 import os
@@ -24,6 +25,7 @@ import pickle
 import signal
 import threading
 import time
+import weakref
 
 from fsdp_nb.session import protocol as P
 from fsdp_nb.session.dashboard import Dashboard
@@ -81,6 +83,7 @@ class Session:
         self._ids = itertools.count(1)
         self._cells = itertools.count(1)
         self._lock = threading.Lock()
+        _open_sessions.add(self)
         if start:
             self.start()
 
@@ -309,6 +312,18 @@ class Session:
 
 
 _current: Session | None = None  # the notebook's session: the one the magics drive
+_open_sessions: weakref.WeakSet[Session] = weakref.WeakSet()
+
+
+@atexit.register  # registered after the launcher's kill-at-exit hook, so it runs before it
+def _close_at_exit() -> None:
+    """A clean kernel exit closes each session as %fsdp_shutdown would: a save still being written
+    finishes first (up to its bound), where a kill would leave it incomplete."""
+    for s in list(_open_sessions):
+        try:
+            s.close()
+        except Exception:
+            pass
 
 
 def current_session() -> Session:
