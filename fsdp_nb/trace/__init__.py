@@ -9,12 +9,16 @@
 from __future__ import annotations
 
 import socket
+import warnings
 
+import torch
 import torch.distributed as dist
 from torch import nn
 
+from fsdp_nb._torch import flat_info, fsdp1_root_handle, fsdp2_group, fsdp2_params
+from fsdp_nb.phases import fail_together
 from fsdp_nb.trace.capture import Recorder, _now
-from fsdp_nb.trace.spans import COMMUNICATION, COMPUTE, KINDS, RankTrace, Span, Trace
+from fsdp_nb.trace.spans import COMMUNICATION, COMPUTE, KINDS, LAUNCH_NOTE, RankTrace, Span, Trace
 
 __all__ = ["COMMUNICATION", "COMPUTE", "KINDS", "RankTrace", "Span", "Trace", "trace_step"]
 
@@ -44,11 +48,17 @@ def trace_step(target, *, steps: int = 1, model: nn.Module | None = None, label:
     from fsdp_nb.checkpoint import wait_pending
 
     wait_pending()  # a background save in flight would share the cores and the clock with the traced steps
-    recorder = Recorder(model)
-    t0, offset = _shared_clock()
-    with recorder:
+    recorder = None
+    try:
+        with fail_together("trace_step"):  # a recorder that cannot hook this torch refuses on every rank
+            recorder = Recorder(model)
+            recorder.__enter__()
+        t0, offset = _shared_clock()
         for _ in range(steps):
             recorder.run_step(step_fn)
+    finally:
+        if recorder is not None:  # every hook and patch comes off again, whatever happened
+            recorder.__exit__()
 
     def shift(t: float) -> float:
         return t - offset - t0
@@ -75,6 +85,9 @@ def trace_step(target, *, steps: int = 1, model: nn.Module | None = None, label:
             "forward_prefetch": config.forward_prefetch,
         }
     units = tuple(sorted(set(recorder.units.values()), key=lambda n: (n.count(".") if n else -1, n)))
+    clock = _clock_of(model)
+    if clock == "launch":
+        warnings.warn(f"trace_step: {LAUNCH_NOTE}", UserWarning, stacklevel=2)
     return Trace(
         label=label or f"FSDP{recorder.version}",
         fsdp_version=recorder.version,
@@ -82,7 +95,20 @@ def trace_step(target, *, steps: int = 1, model: nn.Module | None = None, label:
         ranks=tuple(ranks),
         units=units,
         settings=settings,
+        clock=clock,
     )
+
+
+def _clock_of(model: nn.Module) -> str:
+    """ "launch" when the model computes on CUDA: the recorder's clock is the host's, and CUDA and nccl
+    run asynchronously, so a span ends when the work was queued, not when the GPU finished it."""
+    if dist.is_initialized():
+        from fsdp_nb.sharding import compute_device
+
+        device = compute_device()  # parameters offloaded to CPU still compute on the GPU
+    else:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    return "launch" if device.type == "cuda" else "run"
 
 
 def _from_first_step(ranks: list[RankTrace]) -> list[RankTrace]:
@@ -131,16 +157,14 @@ def _sharded_bytes(model: nn.Module) -> int:
 def _root_bytes(model: nn.Module, version: int) -> int:
     """Unsharded bytes of the root unit's own parameters (what stays gathered after forward)."""
     if version == 2:
-        group = model._get_fsdp_state()._fsdp_param_group
+        group = fsdp2_group(model)
         if group is None:
             return 0
         world = dist.get_world_size() if dist.is_initialized() else 1
         # the all-gather output of each parameter: its padded shard times the world size
-        return sum(
-            fp.padded_sharded_param_size.numel() * world * fp.sharded_param.element_size() for fp in group.fsdp_params
-        )
-    handle = getattr(model, "_handle", None)
+        return sum(fp.padded_numel * world * fp.sharded.element_size() for fp in fsdp2_params(group))
+    handle = fsdp1_root_handle(model)
     if handle is None:
         return 0
-    flat = handle.flat_param
-    return flat._padded_unsharded_size.numel() * flat.element_size()
+    info = flat_info(handle)
+    return info.local_numel * info.world_size * info.flat.element_size()

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 COMPUTE = ("forward", "backward")
 COMMUNICATION = ("all_gather", "reduce_scatter", "all_reduce", "wait")
 KINDS = (*COMPUTE, *COMMUNICATION, "optimizer")
+LAUNCH_NOTE = "CUDA: spans are host launch times, not GPU time; torch.profiler shows the device side"
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,10 @@ class Trace:
     """The FSDP units, outermost (root, "") first."""
     settings: dict = field(default_factory=dict)
     """How the model was sharded (reshard_after_forward, strategy, prefetch), for titles and tests."""
+    clock: str = "run"
+    """"run": each span is when the work ran (CPU and gloo, where every call is synchronous).
+    "launch": on CUDA, when the host issued the work; the GPU runs it later, overlapped, so
+    the spans show the order and the host's time, not the device's."""
 
     @property
     def duration(self) -> float:
@@ -85,6 +90,8 @@ class Trace:
     def summary(self) -> str:
         """One line per rank: step time and the collectives of one step."""
         lines = [f"{self.label}: FSDP{self.fsdp_version}, {self.world_size} ranks, {len(self.units)} units"]
+        if self.clock == "launch":
+            lines.append(f"  ({LAUNCH_NOTE})")
         for r in self.ranks:
             n = max(1, len(r.steps))
             ag_f, ag_b = r.count("all_gather", "forward") // n, r.count("all_gather", "backward") // n

@@ -94,7 +94,8 @@ def _lanes(ax, trace: Trace, label: str) -> None:
     ax.tick_params(axis="y", length=0)
     steps = trace.step_seconds()
     per_step = f"{1e3 * sum(steps) / len(steps):.1f} ms per step" if steps else ""
-    ax.set_title(f"{label}: {per_step} (compute above, communication below)", fontsize="medium", loc="left")
+    clock = "; host launch times (CUDA)" if trace.clock == "launch" else ""
+    ax.set_title(f"{label}: {per_step} (compute above, communication below{clock})", fontsize="medium", loc="left")
     for start, _ in trace.ranks[0].steps[1:]:
         ax.axvline(start * 1e3, color="black", linewidth=0.6, linestyle=":")
 
