@@ -139,22 +139,36 @@ def test_tracing_changes_nothing_and_leaves_nothing_behind(session):
     run(
         session,
         """
-    import torch.distributed as dist
     from torch.nn.modules import module as hooks
-    before = (dist.all_gather_single, dist.reduce_scatter_single, len(hooks._global_forward_pre_hooks),
-              len(hooks._global_forward_hooks))
-    a, b = trainer(fsdp_version=2), trainer(fsdp_version=2)
-    trace_step(a, steps=3)
-    for i in range(3):
-        b.history.append(b.train_step(len(b.history)))
-    same_losses = [r["loss"] for r in a.history] == [r["loss"] for r in b.history]
-    after = (dist.all_gather_single, dist.reduce_scatter_single, len(hooks._global_forward_pre_hooks),
-             len(hooks._global_forward_hooks))
-    untouched = before == after
+    from torch.optim import optimizer as optim_hooks
+    from fsdp_nb import _torch
+
+    def installed(version):
+        \"\"\"Every function the recorder patches, and the sizes of the global hook tables it adds to.\"\"\"
+        patched = [(owner, name) for owner, name, _ in _torch.collective_functions()]
+        patched += [(owner, name) for owner, name, _ in _torch.unit_entry_points(version)]
+        functions = {(repr(owner), name): getattr(owner, name) for owner, name in patched}
+        tables = (hooks._global_forward_pre_hooks, hooks._global_forward_hooks,
+                  optim_hooks._global_optimizer_pre_hooks, optim_hooks._global_optimizer_post_hooks)
+        return functions, tuple(len(t) for t in tables)
+
+    same_losses, untouched, counted = {}, {}, {}
+    for version in (1, 2):
+        a, b = trainer(fsdp_version=version), trainer(fsdp_version=version)
+        before = installed(version)  # after sharding: shard() installs a guard of its own, once
+        trace_step(a, steps=3)
+        after = installed(version)
+        for i in range(3):
+            b.history.append(b.train_step(len(b.history)))
+        same_losses[version] = [r["loss"] for r in a.history] == [r["loss"] for r in b.history]
+        counted[version] = len(before[0])
+        untouched[version] = before[1] == after[1] and all(after[0][k] is f for k, f in before[0].items())
     """,
     )
-    assert session.eval("same_losses") == [True, True]  # exactly equal, not close
-    assert session.eval("untouched") == [True, True]  # tracing off: torch's own functions, no hooks
+    assert session.eval("same_losses") == [{1: True, 2: True}] * 2  # exactly equal, not close
+    assert session.eval("untouched") == [{1: True, 2: True}] * 2  # tracing off: torch's own functions, no hooks
+    counts = session.eval("counted")[0]
+    assert counts[1] >= 2 * 4 + 2 and counts[2] >= 2 * 4 + 3  # both namespaces' collectives, and FSDP's own
 
 
 @pytest.mark.timeout(120)
@@ -270,3 +284,18 @@ def test_trace_step_under_torchrun(tmp_path, torchrun):
     )
     torchrun(2, [str(script), str(tmp_path / "out.json")], timeout=100)
     assert json.loads((tmp_path / "out.json").read_text()) == {"ranks": 2, "forward": 3, "backward": 2, "rs": 3}
+
+
+def test_a_cuda_trace_says_its_spans_are_launch_times():
+    from dataclasses import replace
+
+    from fsdp_nb.trace.spans import LAUNCH_NOTE, RankTrace, Span, Trace
+    from fsdp_nb.viz.timeline import plot_timeline
+
+    lane = RankTrace(rank=0, spans=(Span("forward", "", 0.0, 0.001),), steps=((0.0, 0.002),), memory=((0.0, 0),))
+    cuda = Trace("FSDP2", 2, 1, (lane,), ("",), clock="launch")
+    assert LAUNCH_NOTE in cuda.summary()
+    assert "host launch times" in plot_timeline(cuda).axes[0].get_title(loc="left")
+    cpu = replace(cuda, clock="run")
+    assert LAUNCH_NOTE not in cpu.summary()
+    assert "launch" not in plot_timeline(cpu).axes[0].get_title(loc="left")
