@@ -200,6 +200,7 @@ def test_async_save_holds_the_state_of_the_moment_it_was_called(session, tmp_pat
         session,
         HELPERS,
         """
+    results, loads = {}, {}
     for version in (1, 2):
         model, opt = build(version, n_embd=256, n_layer=4, block_size=64)  # big enough to take a while
         train(model, opt, 2)
@@ -213,15 +214,18 @@ def test_async_save_holds_the_state_of_the_moment_it_was_called(session, tmp_pat
         moved = not torch.equal(full(model)["model"]["wte.weight"], at_call["model"]["wte.weight"])
         fresh, fresh_opt = build(version, n_embd=256, n_layer=4, block_size=64, seed=5)
         load_checkpoint(fresh, fresh_opt, f"{root}/async-v{version}")
-        same = full(fresh, fresh_opt), at_call
-        result = (pending, moved, repr(handle))
+        loads[version] = full(fresh, fresh_opt), at_call
+        results[version] = (pending, moved, repr(handle))
     """,
     )
-    pending, moved, shown = session.eval("result")[0]
-    assert pending[0] and moved  # steps really ran while the save was pending, and changed the weights
-    assert "saved in" in shown
-    loaded, at_call = session.eval("same")[0]
-    assert_same_state(loaded, at_call)
+    results, loads = session.eval("results")[0], session.eval("loads")[0]
+    assert sorted(results) == sorted(loads) == [1, 2]
+    for version in (1, 2):
+        pending, moved, shown = results[version]
+        assert pending[0] and moved, version  # steps really ran while the save was pending, and changed the weights
+        assert "saved in" in shown
+        loaded, at_call = loads[version]
+        assert_same_state(loaded, at_call)
 
 
 @pytest.mark.timeout(180)
@@ -453,24 +457,45 @@ def test_a_save_replaces_only_an_older_checkpoint(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpts", "ok"]
 
 
-def test_an_async_save_keeps_extra_as_of_the_call_and_reports_its_error_once(tmp_path, monkeypatch):
+@pytest.mark.timeout(120)
+def test_an_async_save_keeps_extra_as_of_the_call_and_reports_its_error_once(session, tmp_path):
+    """On two ranks, so the background write really runs on its own gloo group, from its thread."""
+    session.push(root=str(tmp_path))
+    run(
+        session,
+        HELPERS,
+        """
     from torch.distributed.checkpoint import FileSystemWriter
+    from fsdp_nb.checkpoint import CheckpointError, inspect
+    from fsdp_nb.checkpoint import save as save_module
 
-    from fsdp_nb.checkpoint import inspect
-
-    model = torch.nn.Linear(3, 2)
+    model, opt = build(2)
     history = [1, 2]
-    save_checkpoint(model, None, tmp_path / "a", async_save=True, extra={"history": history}).wait()
+    first = save_checkpoint(model, opt, f"{root}/a", async_save=True, extra={"history": history})
+    group = save_module._checkpoint_group()
     history.append(3)  # after the call: not part of the checkpoint
-    assert inspect(tmp_path / "a").extra == {"history": [1, 2]}
+    first.wait()
+    extra = inspect(f"{root}/a").extra
 
+    write_data = FileSystemWriter.write_data
     def full_disk(self, plan, planner):
         raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(FileSystemWriter, "write_data", full_disk)
-    handle = save_checkpoint(model, None, tmp_path / "b", async_save=True)
-    with pytest.raises(CheckpointError, match="No space left on device"):
-        handle.wait()
-    monkeypatch.undo()
-    load_checkpoint(model, None, tmp_path / "a")  # the error was delivered: it does not come back here
-    assert not (tmp_path / "b").exists() and handle.done()
+    if rank == 1:  # one rank's disk is full
+        FileSystemWriter.write_data = full_disk
+    try:
+        handle = save_checkpoint(model, opt, f"{root}/b", async_save=True)
+        try:
+            handle.wait()
+            error = None
+        except CheckpointError as e:
+            error = str(e)
+    finally:
+        FileSystemWriter.write_data = write_data
+    load_checkpoint(model, opt, f"{root}/a")  # the error was delivered: it does not come back here
+    outcome = (extra, group is not None and group is not dist.group.WORLD, error, handle.done())
+    """,
+    )
+    for extra, own_group, error, done in session.eval("outcome"):
+        assert extra == {"history": [1, 2]} and own_group and done
+        assert "rank 1" in error and "No space left on device" in error  # the same failure, on every rank
+    assert not (tmp_path / "b").exists()
