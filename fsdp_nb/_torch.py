@@ -75,6 +75,11 @@ SYMBOLS: tuple[Symbol, ...] = (
     Symbol("FSDPParam.padded_sharded_param_size", "the padded shard, for layouts and timelines", "fsdp2_param"),
     Symbol("FSDPParam.all_gather_outputs", "gathered buffers, sampled by the timeline", "fsdp2_param"),
     Symbol(
+        "torch.distributed.tensor.Shard._local_shard_size_and_offset",
+        "torch's dim-0 chunk rule, public from 2.10 as local_shard_size_and_offset",
+        "torch",
+    ),
+    Symbol(
         "torch.distributed.fsdp._fully_shard._fsdp_param_group.FSDPParamGroup.unshard",
         "timeline: FSDP2 all-gathers",
         "torch",
@@ -297,6 +302,20 @@ def fsdp2_params(group) -> list[ShardedParamInfo]:
             )
         )
     return out
+
+
+def shard_size_and_offset(size: int, world: int, rank: int) -> tuple[int, int]:
+    """(rows, first row) of rank `rank`'s dim-0 shard of `size` rows over `world` ranks, by torch's own rule.
+
+    Public as `Shard.local_shard_size_and_offset` since torch 2.10; before, the same static
+    method was private (`Shard._local_shard_size_and_offset`)."""
+    from torch.distributed.tensor import Shard
+
+    rule = getattr(Shard, "local_shard_size_and_offset", None)
+    if rule is None:
+        rule = resolve("torch.distributed.tensor.Shard._local_shard_size_and_offset")
+    size, offset = rule(size, world, rank)
+    return int(size), int(offset)
 
 
 @_door("FSDPParamGroup._module_fqn", "name FSDP2's units on a timeline")

@@ -347,6 +347,7 @@ def test_quiet_hides_torch_chatter_only_and_only_inside():
         "Multiple backends are registered with this ProcessGroup. We cannot determine the device",
         "`_get_pg_default_device` will be deprecated, it only stays for backward-compatiblity reason.",
         "FSDP.state_dict_type() and FSDP.set_state_dict_type() are being deprecated.",
+        "TypedStorage is deprecated. It will be removed in the future and UntypedStorage will be the only storage",
     ]
     assert len(chatter) == len(CHATTER)
     with warnings.catch_warnings(record=True) as caught:

@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 import torch
+from snippets import PATCH_REDUCE_SCATTER
 
 from fsdp_nb.config import FSDPConfig
 from fsdp_nb.models import GPT, Block, GPTConfig
@@ -137,19 +138,17 @@ def test_bf16_computes_in_bf16_and_reduces_gradients_in_fp32(session, version):
     run(
         session,
         RANK_IMPORTS,
+        PATCH_REDUCE_SCATTER,
         f"""
-    import torch.distributed as dist
     model = shard(GPT(GPTConfig.debug()), FSDPConfig(fsdp_version={version}, mixed_precision="bf16",
                   auto_wrap_policy="TRANSFORMER_BASED_WRAP"))
     reduce_dtypes, compute_dtypes = set(), set()
-    original = dist.reduce_scatter_single
-    def recording(output, input, *args, **kwargs):   # the collective both FSDP versions call
+    def on_reduce_scatter(input):   # the collective both FSDP versions call
         reduce_dtypes.add(str(input.dtype))
-        return original(output, input, *args, **kwargs)
     qkv = [m for n, m in model.named_modules() if n.replace("_fsdp_wrapped_module.", "") == "blocks.0.attn.qkv"][0]
     qkv.register_forward_hook(lambda m, i, o: compute_dtypes.add(str(m.weight.dtype)))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    dist.reduce_scatter_single = recording
+    patch_reduce_scatter()
     try:
         losses = []
         for _ in range(4):
@@ -159,7 +158,7 @@ def test_bf16_computes_in_bf16_and_reduces_gradients_in_fp32(session, version):
             opt.zero_grad()
             losses.append(loss.item())
     finally:
-        dist.reduce_scatter_single = original
+        unpatch_reduce_scatter()
     param_dtypes = {{str(p.dtype) for p in model.parameters()}}
     policy = model.mixed_precision if {version} == 1 else model._get_fsdp_state()._mp_policy
     declared = (str(policy.param_dtype), str(policy.reduce_dtype))

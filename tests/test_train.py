@@ -11,6 +11,7 @@ from functools import cache
 
 import pytest
 import torch
+from snippets import PATCH_REDUCE_SCATTER
 
 from fsdp_nb.data import ByteBlocks, stdlib_corpus
 from fsdp_nb.models import GPT, GPTConfig
@@ -144,14 +145,15 @@ def test_gradient_accumulation_parity_and_one_reduction_per_step(session, versio
     run(
         session,
         RANK_SETUP,
+        PATCH_REDUCE_SCATTER,
         f"""
-    import torch.distributed as dist
-    original, reductions = dist.reduce_scatter_single, []
-    dist.reduce_scatter_single = lambda *a, **k: reductions.append(1) or original(*a, **k)
+    reductions = []
+    on_reduce_scatter = lambda input: reductions.append(1)
+    patch_reduce_scatter()
     try:
         history, params = train_run({train!r}, {fsdp!r})
     finally:
-        dist.reduce_scatter_single = original
+        unpatch_reduce_scatter()
     """,
     )
     ref_history, ref_params = reference(**train)

@@ -4,6 +4,8 @@
 - `load_checkpoint(model, optimizer, path, *, verify=True)`
 - `merge_weights(checkpoint_dir, output_path, *, safe_serialization=True, verify=True)`
 - `verify(path)`: every file present, whole, and byte for byte as saved (`fsdp-nb verify`)
+- `quiet()`: torch's deprecation chatter about FSDP1's state dicts hidden inside a `with` block, for
+  a cell that calls torch's state-dict helpers itself (fsdp_nb's own calls already are)
 
 `store` is the directory format, `state` the state dicts of both FSDP versions,
 `save` / `load` / `merge` the three operations, `quiet` torch's warnings during them.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 from fsdp_nb.checkpoint.load import load_checkpoint, resolve
 from fsdp_nb.checkpoint.merge import merge_weights
+from fsdp_nb.checkpoint.quiet import quiet
 from fsdp_nb.checkpoint.save import AsyncCheckpoint, save_checkpoint, wait_pending
 from fsdp_nb.checkpoint.store import CheckpointError, Manifest, checkpoints_in, inspect, latest, verify
 
@@ -25,6 +28,7 @@ __all__ = [
     "latest",
     "load_checkpoint",
     "merge_weights",
+    "quiet",
     "resolve",
     "save_checkpoint",
     "verify",

@@ -17,6 +17,7 @@ The order of one save, and why:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -30,6 +31,7 @@ from torch import nn
 
 from fsdp_nb.checkpoint import state as S
 from fsdp_nb.checkpoint import store
+from fsdp_nb.checkpoint.quiet import quiet
 from fsdp_nb.checkpoint.store import CheckpointError
 from fsdp_nb.phases import describe, outcomes
 from fsdp_nb.rank import events, pending
@@ -215,16 +217,20 @@ def _write(state: dict | None, tmp: Path, path: Path, info: dict, *, group) -> N
     rank, _ = S.rank_and_world()
     failure = None
     try:
-        if info["state_dict_type"] == KINDS[0]:
-            import torch.distributed.checkpoint as dcp
+        # torch's own chatter (torch <= 2.9 warns about TypedStorage inside these) is hidden on the
+        # calling thread only: catch_warnings is process-wide, so a background write leaves it alone.
+        in_main = threading.current_thread() is threading.main_thread()
+        with quiet() if in_main else contextlib.nullcontext():
+            if info["state_dict_type"] == KINDS[0]:
+                import torch.distributed.checkpoint as dcp
 
-            writer = dcp.FileSystemWriter(str(tmp), overwrite=False)
-            dcp.save(state, storage_writer=writer, process_group=group)  # returns once every rank has written
-        elif rank == 0:
-            with open(tmp / store.FULL_FILE, "wb") as f:
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
+                writer = dcp.FileSystemWriter(str(tmp), overwrite=False)
+                dcp.save(state, storage_writer=writer, process_group=group)  # returns once every rank has written
+            elif rank == 0:
+                with open(tmp / store.FULL_FILE, "wb") as f:
+                    torch.save(state, f)
+                    f.flush()
+                    os.fsync(f.fileno())
         if rank == 0:
             if not info["model"] and state is not None:
                 info["model"] = S.shapes(state["model"])

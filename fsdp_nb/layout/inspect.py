@@ -21,9 +21,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor
 
-from fsdp_nb._torch import FlatInfo, clean_name, flat_info, fsdp1_handles, fsdp2_group, fsdp2_params, joined
+from fsdp_nb._torch import (
+    FlatInfo,
+    clean_name,
+    flat_info,
+    fsdp1_handles,
+    fsdp2_group,
+    fsdp2_params,
+    joined,
+    shard_size_and_offset,
+)
 from fsdp_nb.layout.model import Fsdp1Layout, Fsdp2Layout, shard_flat
 from fsdp_nb.layout.rules import fsdp1_problems, fsdp2_problems
 from fsdp_nb.layout.specs import ParamSpec, RankBytes, Segment
@@ -109,12 +118,12 @@ def _fsdp2_layout(module: nn.Module) -> Fsdp2Layout:
         worlds.add(world)
         rows = p.shape[0]
         local_rows = p.to_local().shape[0]
-        size, start = Shard.local_shard_size_and_offset(rows, world, rank)
+        size, start = shard_size_and_offset(rows, world, rank)
         if size != local_rows:
             raise RuntimeError(f"layout_of: {name} has {local_rows} local rows, torch's chunk rule says {size}")
         rank_ranges = []
         for r in range(world):  # other ranks: torch's own chunk arithmetic
-            n, s = Shard.local_shard_size_and_offset(rows, world, r)
+            n, s = shard_size_and_offset(rows, world, r)
             rank_ranges.append((s, s + n))
         rank_ranges[rank] = (start, start + local_rows)  # ours: read from to_local()
         specs.append(ParamSpec(name=name, shape=tuple(p.shape), dtype=p.dtype, requires_grad=p.requires_grad))
