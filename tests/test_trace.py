@@ -299,3 +299,27 @@ def test_a_cuda_trace_says_its_spans_are_launch_times():
     cpu = replace(cuda, clock="run")
     assert LAUNCH_NOTE not in cpu.summary()
     assert "launch" not in plot_timeline(cpu).axes[0].get_title(loc="left")
+
+
+@pytest.mark.timeout(120)
+def test_collectives_carry_the_dtype_and_bytes_they_sent(session):
+    """bf16 mixed precision: parameters are gathered in bf16, gradients reduced in fp32, by both versions."""
+    run(session, SETUP)
+    run(
+        session,
+        """
+    sent = {}
+    for version in (1, 2):
+        t = trainer(fsdp_version=version, mixed_precision="bf16")
+        trace = trace_step(t)
+        mine = trace.ranks[rank].spans
+        sent[version] = {kind: sorted({(s.dtype, s.nbytes > 0) for s in mine if s.kind == kind})
+                         for kind in ("all_gather", "reduce_scatter")}
+    """,
+    )
+    for sent in session.eval("sent"):
+        for version in (1, 2):
+            assert sent[version] == {
+                "all_gather": [("bfloat16", True)],
+                "reduce_scatter": [("float32", True)],
+            }, version

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 import warnings
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -65,7 +66,7 @@ def trace_step(target, *, steps: int = 1, model: nn.Module | None = None, label:
 
     mine = RankTrace(
         rank=dist.get_rank() if dist.is_initialized() else 0,
-        spans=tuple(Span(s.kind, s.unit, shift(s.start), shift(s.end), s.phase, s.step) for s in recorder.spans),
+        spans=tuple(replace(s, start=shift(s.start), end=shift(s.end)) for s in recorder.spans),
         steps=tuple((shift(a), shift(b)) for a, b in recorder.steps),
         memory=tuple((shift(t), b) for t, b in recorder.memory),
         sharded_bytes=_sharded_bytes(model),
@@ -117,7 +118,7 @@ def _from_first_step(ranks: list[RankTrace]) -> list[RankTrace]:
     return [
         RankTrace(
             rank=r.rank,
-            spans=tuple(Span(s.kind, s.unit, s.start - zero, s.end - zero, s.phase, s.step) for s in r.spans),
+            spans=tuple(replace(s, start=s.start - zero, end=s.end - zero) for s in r.spans),
             steps=tuple((a - zero, b - zero) for a, b in r.steps),
             memory=tuple((t - zero, b) for t, b in r.memory),
             sharded_bytes=r.sharded_bytes,

@@ -127,8 +127,9 @@ class Recorder:
     def sample(self, t: float | None = None) -> None:
         self.memory.append((_now() if t is None else t, sum(probe() for probe in self.probes)))
 
-    def _add(self, kind: str, unit: str, start: float, end: float, phase: str = "") -> None:
-        self.spans.append(Span(kind, unit, start, end, phase, self.step))
+    def _add(self, kind: str, unit: str, start: float, end: float, phase: str = "", sent=None) -> None:
+        dtype, nbytes = ("", 0) if sent is None else (str(sent.dtype).removeprefix("torch."), _nbytes(sent))
+        self.spans.append(Span(kind, unit, start, end, phase, self.step, dtype, nbytes))
         self.sample(end)
 
     # ---- hooks ---------------------------------------------------------------------------
@@ -184,12 +185,14 @@ class Recorder:
             if inside or not self._in_step or threading.get_ident() != self._thread:
                 return fn(*args, **kwargs)
             self._calls.inside = True
+            sent = _sent(args, kwargs)
             start = _now()
             try:
                 return fn(*args, **kwargs)
             finally:
                 self._calls.inside = False
-                self._add(kind, getattr(self._current_unit, "name", ""), start, _now(), self._phase())
+                unit, phase = getattr(self._current_unit, "name", ""), self._phase()
+                self._add(kind, unit, start, _now(), phase, sent)
 
         return traced
 
@@ -253,6 +256,23 @@ def _memory_probes(model: nn.Module, version: int) -> list:
     for probe in probes:
         probe()
     return probes
+
+
+def _sent(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The tensor a collective sends: the input of `f(output, input, ...)` (all-gather, reduce-scatter),
+    or the tensor of `all_reduce(tensor)`; a list's first tensor."""
+    candidates = [*args[1:2], *args[:1], *(kwargs.get(k) for k in ("input", "input_tensor", "tensor"))]
+    for value in candidates:
+        if isinstance(value, (list, tuple)) and value:
+            value = value[0]
+        if torch.is_tensor(value):
+            return value
+    return None
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    local = t.to_local() if hasattr(t, "to_local") else t
+    return local.numel() * local.element_size()
 
 
 def _tensors(output) -> list[torch.Tensor]:

@@ -28,6 +28,11 @@ class Span:
     """For collectives: "forward", "backward", "optimizer" or "step" (elsewhere in the step)."""
     step: int = 0
     """Which traced step (0-based) the span belongs to."""
+    dtype: str = ""
+    """For collectives: the dtype of what this rank sent ("bfloat16", "float32"); "" otherwise."""
+    nbytes: int = 0
+    """For collectives: the bytes this rank sent (its shard for an all-gather, the whole input of a
+    reduce-scatter)."""
 
     @property
     def seconds(self) -> float:
