@@ -3,9 +3,16 @@
 # installed would pull several GB of CUDA wheels.
 PYTHON ?= python3
 TORCH  ?= torch==2.13.0
+# One virtualenv per torch: `make test TORCH=torch==2.11.0` builds .venv-torch-2.11.0 and never
+# reuses a .venv made for another torch. The stamp names the torch too, for a VENV given by hand.
+TORCH_TAG := $(shell printf '%s' '$(TORCH)' | sed 's/==/-/; s/[^A-Za-z0-9.]/-/g')
+ifeq ($(origin TORCH),file)
 VENV   ?= .venv
+else
+VENV   ?= .venv-$(TORCH_TAG)
+endif
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed
+STAMP  := $(VENV)/.installed-$(TORCH_TAG)
 
 export OMP_NUM_THREADS ?= 1
 
@@ -51,4 +58,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/session.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf .venv .venv-torch-* build *.egg-info

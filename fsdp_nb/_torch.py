@@ -14,7 +14,7 @@ Rules:
   real FSDP1 and FSDP2 modules on a fake process group and checks each one;
 - an accessor that finds a name missing raises `TorchInternalsError`, which names it
   and the supported range; no accessor falls back to a default.
-Every entry holds on torch 2.11 through 2.14 (`SUPPORTED_TORCH`, checked against pyproject.toml).
+Every entry holds on torch 2.10 through 2.14.1 (`SUPPORTED_TORCH`, checked against pyproject.toml).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-SUPPORTED_TORCH = ">=2.11,<=2.14.1"  # the range in pyproject.toml, which a test keeps equal
+SUPPORTED_TORCH = ">=2.10,<=2.14.1"  # the range in pyproject.toml, which a test keeps equal
 
 # The wrappers torch puts between a module and its children, as they appear in module and
 # parameter names: FSDP1's wrapper, activation checkpointing's and torch.compile's
@@ -74,11 +74,6 @@ SYMBOLS: tuple[Symbol, ...] = (
     Symbol("FSDPParam.mesh_info", "this rank's place in the shard group", "fsdp2_param"),
     Symbol("FSDPParam.padded_sharded_param_size", "the padded shard, for layouts and timelines", "fsdp2_param"),
     Symbol("FSDPParam.all_gather_outputs", "gathered buffers, sampled by the timeline", "fsdp2_param"),
-    Symbol(
-        "torch.distributed.tensor.Shard._local_shard_size_and_offset",
-        "torch's dim-0 chunk rule, public from 2.10 as local_shard_size_and_offset",
-        "torch",
-    ),
     Symbol(
         "torch.distributed.fsdp._fully_shard._fsdp_param_group.FSDPParamGroup.unshard",
         "timeline: FSDP2 all-gathers",
@@ -305,16 +300,11 @@ def fsdp2_params(group) -> list[ShardedParamInfo]:
 
 
 def shard_size_and_offset(size: int, world: int, rank: int) -> tuple[int, int]:
-    """(rows, first row) of rank `rank`'s dim-0 shard of `size` rows over `world` ranks, by torch's own rule.
-
-    Public as `Shard.local_shard_size_and_offset` since torch 2.10; before, the same static
-    method was private (`Shard._local_shard_size_and_offset`)."""
+    """(rows, first row) of rank `rank`'s dim-0 shard of `size` rows over `world` ranks, by torch's own
+    rule (public since torch 2.10, so not a door of its own: here to keep the layout code torch-agnostic)."""
     from torch.distributed.tensor import Shard
 
-    rule = getattr(Shard, "local_shard_size_and_offset", None)
-    if rule is None:
-        rule = resolve("torch.distributed.tensor.Shard._local_shard_size_and_offset")
-    size, offset = rule(size, world, rank)
+    size, offset = Shard.local_shard_size_and_offset(size, world, rank)
     return int(size), int(offset)
 
 

@@ -22,14 +22,30 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
+
 # Each a regular expression matched at the start of the message (what `filterwarnings` does).
 CHATTER = (
     "Please use DTensor instead and we are deprecating ShardedTensor",
     "Multiple backends are registered with this ProcessGroup",
     "`_get_pg_default_device` will be deprecated",
     r"FSDP\.state_dict_type\(\) and FSDP\.set_state_dict_type\(\) are being deprecated",
-    "TypedStorage is deprecated",  # torch <= 2.9: DCP's own file writer and reader touch tensor.storage()
+    "TypedStorage is deprecated",  # torch 2.10's DCP writer calls Tensor.storage() on what it writes
 )
+
+
+def before_background_write() -> None:
+    """Spend, here and silenced, the TypedStorage warning that torch gives once per process.
+
+    torch 2.10's DCP writer calls the deprecated `Tensor.storage()` on every tensor it
+    writes, and torch warns about that the first time only. An async save writes from
+    its own thread, where no filter can be set safely (above); so its first touch is
+    made here, on the calling thread inside `quiet()`, and the thread finds it spent.
+    From torch 2.13 DCP no longer calls it, and this does nothing.
+    """
+    if torch.__version__ < "2.13":
+        with quiet():
+            torch.empty(0).storage()
 
 
 @contextmanager

@@ -31,7 +31,7 @@ from torch import nn
 
 from fsdp_nb.checkpoint import state as S
 from fsdp_nb.checkpoint import store
-from fsdp_nb.checkpoint.quiet import quiet
+from fsdp_nb.checkpoint.quiet import before_background_write, quiet
 from fsdp_nb.checkpoint.store import CheckpointError
 from fsdp_nb.phases import describe, outcomes
 from fsdp_nb.rank import events, pending
@@ -153,6 +153,7 @@ def save_checkpoint(
         _report(path, "saved", time.perf_counter() - t0)
         return None
     global _pending
+    before_background_write()
     _pending = AsyncCheckpoint(path, functools.partial(_write, snapshot, tmp, path, info, group=_checkpoint_group()))
     _report(path, "writing", time.perf_counter() - t0, background=True)
     return _pending
@@ -217,8 +218,8 @@ def _write(state: dict | None, tmp: Path, path: Path, info: dict, *, group) -> N
     rank, _ = S.rank_and_world()
     failure = None
     try:
-        # torch's own chatter (torch <= 2.9 warns about TypedStorage inside these) is hidden on the
-        # calling thread only: catch_warnings is process-wide, so a background write leaves it alone.
+        # torch's own chatter about FSDP1's sharded tensors is hidden on the calling thread only:
+        # catch_warnings is process-wide, so a background write leaves it alone.
         in_main = threading.current_thread() is threading.main_thread()
         with quiet() if in_main else contextlib.nullcontext():
             if info["state_dict_type"] == KINDS[0]:
