@@ -138,10 +138,8 @@ def test_progress_and_metrics_events_drive_the_dashboard(ipshell, session):
     at_end = {}
     finish = dash.finish
 
-    def spy():  # the widgets as the cell ends, before they are replaced by their static copy
-        at_end.update(
-            bar=(dash.bar.value, dash.bar.max, dash.label.value), png=dash.image.value[:8], bundle=dash.static_bundle()
-        )
+    def spy():  # the widget as the cell ends, before it is replaced by its static copy
+        at_end.update(view=dash.view.value, bundle=dash.static_bundle())
         finish()
 
     dash.finish = spy
@@ -153,10 +151,11 @@ def test_progress_and_metrics_events_drive_the_dashboard(ipshell, session):
             "    events.emit('progress', step=i, total=5, desc='train')\n"
             "    events.emit('metrics', step=i, loss=10.0 / i, run='demo')",
         )
-        assert at_end["bar"] == (5, 5, "train 5/5")
-        assert at_end["png"] == b"\x89PNG\r\n\x1a\n"
-        assert at_end["bundle"]["text/plain"] == "progress: 5/5 train; live plot to step 5"
-        assert dash.bar is None  # closed and forgotten: a later silent request shows nothing again
+        assert '<progress class="fsdp-nb-bar" value="5" max="5"' in at_end["view"]
+        assert "train 5/5</span>" in at_end["view"] and 'alt="loss, step 5/5"' in at_end["view"]
+        assert 'src="data:image/png;base64,iVBORw0KGgo' in at_end["view"]  # a PNG
+        assert at_end["bundle"]["text/plain"].startswith("train: 5/5 steps · final loss 2.0000 · in ")
+        assert dash.view is None  # closed and forgotten: a later silent request shows nothing again
         fig = dash.figure("loss")
         lines = fig.axes[0].lines
         assert sorted(ln.get_label() for ln in lines) == ["demo rank 0", "demo rank 1"]

@@ -95,14 +95,46 @@ def test_dashboard_leaves_a_static_picture_and_line_with_integer_steps():
         dash(0, "metrics", {"step": step, "loss": 1.0 / step, "run": "FSDP1"})
         dash(0, "metrics", {"step": step, "loss": 1.0 / step, "run": "FSDP2"})
     bundle = dash.static_bundle()
-    assert bundle["text/plain"] == "progress: 3/3 train; live plot to step 3"
+    assert re.fullmatch(r"train: 3/3 steps · final loss 0\.3333 · in \d+\.\d\d s", bundle["text/plain"])
     assert bundle["image/png"]
     ax = dash.figure().axes[0]
     assert ax.get_xlim() == (0.5, 3.5)  # fixed by the progress total: no rescaling as steps arrive
     assert all(float(t).is_integer() for t in ax.get_xticks())
     fsdp1, fsdp2 = [line for line in ax.lines if line.get_label().endswith("rank 0")]
     assert fsdp1.get_linestyle() != fsdp2.get_linestyle()  # identical curves stay visible
-    assert dash.bar is None  # collated cells never build widgets
+    assert dash.view is None  # collated cells never build widgets
+
+
+def test_the_live_bar_and_plot_show_the_same_step_at_every_update(monkeypatch):
+    """Ranks report one by one, and progress comes before a step's metrics: the one widget shows the
+    step every curve has reached, in the bar, its line and the plot's title alike."""
+    from fsdp_nb.session import dashboard as module
+
+    monkeypatch.setattr(module, "REDRAW_S", 0.0)  # every event redraws
+    monkeypatch.setattr("IPython.display.display", lambda *a, **k: None)
+    dash = Dashboard(widgets=True)
+    dash.new_cell(live=True)
+    seen = []
+    for step in range(1, 11):
+        for rank, kind in ((0, "progress"), (0, "metrics"), (1, "metrics")):
+            payload = (
+                {"step": step, "total": 10, "desc": "train"} if kind == "progress" else {"step": step, "loss": 1.0}
+            )
+            dash(rank, kind, payload)
+            view = dash.view.value
+            bar = int(re.search(r'<progress[^>]* value="(\d+)"', view).group(1))
+            line = int(re.search(r"train (\d+)/10</span>", view).group(1))
+            plot = re.search(r'alt="loss, step (\d+)/10"', view)
+            if plot is None:  # the very first event: a bar, and no metric yet to plot
+                assert (step, kind, "<img" in view) == (1, "progress", False)
+                continue
+            title = int(plot.group(1))
+            seen.append((bar, line, title))
+            assert bar == line == title, (rank, kind, step, view[:200])
+            assert bar <= step and bar >= step - 1  # never ahead of the slowest curve, never far behind
+    assert seen[-1] == (10, 10, 10) and len({b for b, _, _ in seen}) == 10
+    dash.finish()
+    assert dash.view is None
 
 
 def test_dashboard_single_point_is_drawn_as_a_marker():
@@ -191,7 +223,7 @@ def test_the_summary_speaks_of_this_cells_run(capsys):
     dash.new_cell(live=False)
     for step in range(1, 6):  # "demo" again, shorter: a re-run cell
         dash(0, "metrics", {"step": step, "loss": 1.0, "run": "demo"})
-    assert dash.summary() == "live plot to step 5"
+    assert dash.summary().startswith("demo: 5 steps · final loss 1.0000")
     dash(0, "progress", {"step": 1, "total": 2, "desc": "train"})
     dash(0, "checkpoint", {"path": "/x/step-000001", "status": "saved", "seconds": 0.5})
     err = capsys.readouterr().err

@@ -2,10 +2,12 @@
 
 Ranks call `fsdp_nb.events.emit("progress", step=, total=, desc=)` and
 `emit("metrics", step=, loss=, ...)`. What the user sees depends on where the session runs:
-- a Jupyter kernel, live output: an ipywidgets progress bar and a PNG of the metric
-  curves, redrawn at most every REDRAW_S. When the cell ends, that widget is replaced
-  in place by a static PNG and one text line, so a saved notebook shows the result
-  on GitHub and after a reopen, with no kernel and no "model not found";
+- a Jupyter kernel, live output: one widget holding a progress bar and a PNG of the
+  metric curves, both at the same step [Note: one step on screen], redrawn at most
+  every REDRAW_S. When the cell ends, that widget is replaced in place by a static
+  PNG, and a text line below it says how far the run got, its last loss and its
+  time: a saved notebook shows both on GitHub and after a reopen, with no kernel
+  and no "model not found";
 - a Jupyter kernel, collated output (`--collate`, FSDP_NB_COLLATE=1: what nbval
   runs): no widget at all, only the static PNG and the text line at the end;
 - elsewhere (terminal IPython, scripts): a one-line text bar on stderr.
@@ -15,6 +17,7 @@ Curves persist across cells, keyed by (run, rank), so runs can be overlaid.
 from __future__ import annotations
 
 import base64
+import html
 import io
 import sys
 import time
@@ -33,19 +36,29 @@ def _in_kernel() -> bool:
 
 
 class Dashboard:
-    """A session's event handler (`session.dashboard`): progress bar and live metric curves."""
+    """A session's event handler (`session.dashboard`): progress bar and live metric curves.
+
+    [Note: one step on screen]
+    The bar and the plot must never disagree about where the run is. Live, both sit in
+    ONE ipywidgets HTML widget, redrawn together from the same step k: an HTML
+    `<progress>` at k/N, and the plot drawn up to k, whose title says "step k/N" (its
+    `alt` text says the same, for a reader or a browser test). One widget value is
+    one message, so the browser can never show the bar ahead of the plot. k is the
+    last step every curve of this cell's run has reached (a progress event arrives
+    before that step's metrics, and ranks report one by one).
+    """
 
     def __init__(self, widgets: bool | None = None):
         self.widgets = _in_kernel() if widgets is None else widgets
         self.live = True  # False for a collated cell: draw once, at the end
         self.series: dict[tuple[str, int], dict[str, list]] = defaultdict(lambda: defaultdict(list))
         self.cell = 0
-        self.bar = self.label = self.image = None
+        self.view = None  # the live widget: bar, step line and plot in one HTML value
         self.progress: tuple[int, int, str] | None = None  # (step, total, desc) of this cell's bar
-        self._handle = None  # the display of this cell's widgets, replaced by a static copy at the end
-        self._shown = False
+        self.bar = None  # True while a text bar holds the terminal's line (no widgets)
+        self._handle = None  # the display of this cell's widget, replaced by a static copy at the end
+        self._started: float | None = None  # this cell's first event, for the time in the summary
         self._last_draw = 0.0
-        self._dirty = False
         self._plotted = False  # this cell emitted metrics
         self._last_run: str | None = None  # the run this cell's metrics belong to
         self._saving = self._saving_handle = None  # this cell's checkpoint status line (a widget in a notebook)
@@ -54,12 +67,13 @@ class Dashboard:
     def new_cell(self, live: bool = True) -> None:
         self.cell += 1
         self.live = live
-        self.bar = self.label = self.image = self._handle = self._saving = self._saving_handle = None
-        self.progress = None
-        self._last_run = None
-        self._shown = self._plotted = False
+        self.view = self._handle = self._saving = self._saving_handle = None
+        self.progress = self._started = self._last_run = None
+        self._plotted = False
 
     def __call__(self, rank: int, kind: str, payload: dict) -> None:
+        if kind in ("progress", "metrics") and self._started is None:
+            self._started = time.monotonic()
         if kind == "progress" and rank == 0:  # ranks step together; rank 0 speaks for all
             self._progress(int(payload.get("step", 0)), int(payload.get("total", 0)), str(payload.get("desc", "")))
         elif kind == "metrics":
@@ -72,14 +86,13 @@ class Dashboard:
             for key, value in payload.items():
                 if key != "run" and isinstance(value, (int, float)):
                     curve[key].append(float(value))
-            self._dirty = self._plotted = True
-            if self.live and time.monotonic() - self._last_draw >= REDRAW_S:
-                self._draw()
+            self._plotted = True
+            self._maybe_draw(final_step=bool(self.progress) and self.shown_step() >= self.progress[1])
         elif kind == "checkpoint" and rank == 0:  # save_checkpoint's status: rank 0 speaks for all
             self._checkpoint(payload)
 
     def finish(self) -> None:
-        """The cell ended: the last drawing, then (in a notebook) a static copy in place of the widgets."""
+        """The cell ended: in a notebook, a static picture in place of the widget, and a line below it."""
         if self._saving is not None:  # the status line turns static too; news after this gets a line of its own
             self._saving_handle.update({"text/plain": self._saving.value}, raw=True)
             self._lines = {k: v for k, v in self._lines.items() if v is not self._saving}
@@ -92,42 +105,56 @@ class Dashboard:
             return
         if not (self._plotted or self.progress):
             return
-        bundle = self.static_bundle()
-        if self._handle is not None:
-            self._handle.update(bundle, raw=True)  # the widget's place in the output, now static
-            for widget in (self.bar, self.label, self.image):
-                widget.close()
-        else:
-            from IPython.display import display
+        from IPython.display import display
 
-            display(bundle, raw=True)
+        picture = self.static_bundle()
+        if self._handle is not None:
+            self._handle.update(picture, raw=True)  # the widget's place in the output, now static
+            self.view.close()
+        elif "image/png" in picture:
+            display(picture, raw=True)
+        # The line is an output of its own: beside a PNG, a text/plain part is never shown.
+        display({"text/plain": self.summary()}, raw=True)
         # Done with this cell: a later request (a silent eval) must not show it again.
-        self.bar = self.label = self.image = self._handle = None
-        self.progress, self._plotted, self._shown, self._dirty = None, False, False, False
+        self.view = self._handle = None
+        self.progress, self._plotted, self._started = None, False, None
+
+    def shown_step(self) -> int:
+        """The step the bar and the plot both show: the last one every curve of this cell's run reached,
+        and no further than the progress events have said."""
+        reached = [int(c["step"][-1]) for c in self._current_curves() if c.get("step")]
+        plotted = min(reached) if reached else None
+        said = self.progress[0] if self.progress else None
+        return min(s for s in (plotted, said) if s is not None) if (plotted, said) != (None, None) else 0
 
     def summary(self) -> str:
-        """The text line a finished cell leaves: where the bar and the plot ended."""
-        parts = []
-        if self.progress:
-            step, total, desc = self.progress
-            parts.append(f"progress: {step}/{total} {desc}".rstrip())
-        if self._plotted:
-            current = [c for (run, _), c in self.series.items() if run == self._current_run()]
-            last = max((int(c["step"][-1]) for c in current if c.get("step")), default=0)
-            parts.append(f"live plot to step {last}")
-        return "; ".join(parts)
+        """The line a finished cell leaves: how far the run got, its last loss, and how long it took."""
+        step, total, desc = self.progress if self.progress else (self.shown_step(), 0, "")
+        head = (
+            f"{desc or self._current_run()}: {step}/{total} steps" if total else f"{self._current_run()}: {step} steps"
+        )
+        parts = [head]
+        losses = [c["loss"][-1] for c in self._current_curves() if c.get("loss")]
+        if losses:
+            parts.append(f"final loss {losses[0]:.4f}")
+        if self._started is not None:
+            parts.append(f"in {time.monotonic() - self._started:.2f} s")
+        return " · ".join(parts)
 
     def static_bundle(self) -> dict:
-        """A MIME bundle of the final state: the curves as PNG (if any) and the summary line."""
+        """A MIME bundle of the final picture: the curves as PNG (if any), and the summary as text."""
         bundle = {"text/plain": self.summary()}
         if self._plotted:
-            buf = io.BytesIO()
-            self.figure().savefig(buf, format="png", dpi=100)
-            bundle["image/png"] = base64.b64encode(buf.getvalue()).decode("ascii")
+            bundle["image/png"] = base64.b64encode(self._png()).decode("ascii")
         return bundle
 
     def _current_run(self) -> str:
         return self._last_run or f"cell {self.cell}"
+
+    def _current_curves(self) -> list[dict]:
+        if not self._plotted:
+            return []
+        return [c for (run, _), c in sorted(self.series.items()) if run == self._current_run()]  # rank 0 first
 
     # ---- progress -------------------------------------------------------------------
     def _progress(self, step: int, total: int, desc: str) -> None:
@@ -139,27 +166,57 @@ class Dashboard:
             sys.stderr.flush()
             self.bar = True
             return
-        if not self.live:
-            return
-        self._ensure_widgets()
-        self.bar.max = max(total, 1)
-        self.bar.value = min(step, self.bar.max)
-        self.label.value = f"{desc} {step}/{total}"
+        self._maybe_draw(final_step=step >= total)
 
-    def _ensure_widgets(self) -> None:
-        if self._shown:
-            return
-        import ipywidgets as w
-        from IPython.display import display
+    # ---- live view ------------------------------------------------------------------
+    def _maybe_draw(self, final_step: bool = False) -> None:
+        """Redraw the live widget at most every REDRAW_S (and at the last step)."""
+        if not (self.widgets and self.live):
+            return  # terminals get the text bar; collated cells draw once, at the end
+        if final_step or time.monotonic() - self._last_draw >= REDRAW_S:
+            self._draw()
 
-        self.bar = w.IntProgress(value=0, min=0, max=1, layout=w.Layout(width="60%"))
-        self.label = w.Label("")
-        self.image = w.Image(format="png", layout=w.Layout(max_width="640px"))
-        self._handle = display(w.VBox([w.HBox([self.bar, self.label]), self.image]), display_id=True)
-        self._shown = True
+    def _draw(self) -> None:
+        self._last_draw = time.monotonic()
+        if self.view is None:
+            import ipywidgets as w
+            from IPython.display import display
 
-    # ---- live plot ------------------------------------------------------------------
-    def figure(self, metric: str = "loss"):
+            self.view = w.HTML(layout=w.Layout(width="100%"))
+            self._handle = display(self.view, display_id=True)
+        self.view.value = self.live_html()
+        self._last_draw = time.monotonic()  # drawing takes time: the next redraw waits from its end
+
+    def live_html(self) -> str:
+        """The live widget's HTML: the bar at the shown step k, its line, and the plot drawn to k."""
+        k = self.shown_step()
+        total, desc = (self.progress[1], self.progress[2]) if self.progress else (0, "")
+        parts = ['<div class="fsdp-nb-dashboard">']
+        if total:
+            parts.append(
+                f'<div><progress class="fsdp-nb-bar" value="{min(k, total)}" max="{max(total, 1)}" '
+                f'style="width:60%;vertical-align:middle"></progress> '
+                f'<span class="fsdp-nb-step">{html.escape(desc)} {k}/{total}</span></div>'
+            )
+        if self._plotted:
+            png = base64.b64encode(self._png()).decode("ascii")
+            title = html.escape(self._title(k))
+            parts.append(f'<img class="fsdp-nb-plot" alt="{title}" src="data:image/png;base64,{png}" '
+                         'style="max-width:100%"/>')  # fmt: skip
+        parts.append("</div>")
+        return "".join(parts)
+
+    def _title(self, k: int, metric: str = "loss") -> str:
+        total = self.progress[1] if self.progress else 0
+        return f"{metric}, step {k}/{total}" if total else f"{metric}, step {k}"
+
+    def _png(self) -> bytes:
+        buf = io.BytesIO()
+        self.figure(title=self._title(self.shown_step())).savefig(buf, format="png", dpi=100)
+        return buf.getvalue()
+
+    # ---- the plot -------------------------------------------------------------------
+    def figure(self, metric: str = "loss", *, title: str | None = None):
         """The curves of `metric` for every (run, rank) seen so far, as a matplotlib Figure.
 
         Each run has its own line style, so two runs with identical losses (FSDP1 and
@@ -169,7 +226,7 @@ class Dashboard:
         from matplotlib.figure import Figure
         from matplotlib.ticker import MaxNLocator
 
-        fig = Figure(figsize=(6.4, 3), dpi=100)
+        fig = Figure(figsize=(6.4, 3.2), dpi=100, layout="constrained")
         ax = fig.add_subplot()
         current = f"cell {self.cell}"
         runs = list(dict.fromkeys(run for run, _ in sorted(self.series)))
@@ -196,20 +253,11 @@ class Dashboard:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("step")
         ax.set_ylabel(metric)
-        if ax.lines:
-            ax.legend(fontsize="small")
-        fig.tight_layout()
+        if title:
+            ax.set_title(title, loc="left", fontsize="medium")
+        if ax.lines:  # beside the axes, never over a curve
+            ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
         return fig
-
-    def _draw(self) -> None:
-        self._last_draw = time.monotonic()
-        self._dirty = False
-        if not self.widgets or not self.live:
-            return  # terminals get the text bar; collated cells draw once, at the end
-        self._ensure_widgets()
-        buf = io.BytesIO()
-        self.figure().savefig(buf, format="png", dpi=100)
-        self.image.value = buf.getvalue()
 
     # ---- checkpoints ----------------------------------------------------------------
     def _checkpoint(self, payload: dict) -> None:
