@@ -271,9 +271,8 @@ def _fsdp1_wrap(FSDP, model: nn.Module, *, use_orig_params: bool, **kwargs) -> n
                 "FSDP1 with use_orig_params=False flattens each unit's parameters into one "
                 "FlatParameter, which has a single requires_grad flag, so a unit cannot mix "
                 "frozen and trainable parameters. Use use_orig_params=True, or FSDP2 "
-                "(fsdp_version=2), which keeps one DTensor per parameter. "
-                "(torch's own error is the cause, shown above.)"
-            ) from err
+                "(fsdp_version=2), which keeps one DTensor per parameter."
+            ) from err  # torch's error stays the cause: the short form shows its line, %fsdp_tb its frames
         raise
 
 

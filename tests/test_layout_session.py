@@ -82,7 +82,7 @@ def test_freezing_l1_under_fsdp1_is_refused_and_explained_fsdp2_trains(session):
     assert err.type == "ValueError" and "uniform `requires_grad`" in err.message
     predicted = fsdp1_layout(specs_of(_frozen_layer()), 2)
     assert predicted.raises == f"ValueError: {err.message}" and "frozen" in predicted.errors[0].message
-    assert "fsdp_nb explains: FSDP1 with use_orig_params=False concatenates" in err.traceback
+    assert any(line.startswith("fsdp_nb explains: FSDP1 with use_orig_params=False concatenates") for line in err.short)
     session.run(
         FSDP2.replace(
             "m2 = Layer()", "m2 = Layer()\nm2.l1.requires_grad_(False)\nbefore = m2.l1.weight.detach().clone()"
@@ -112,7 +112,7 @@ def test_bf16_layer_in_one_fsdp2_group_fails_at_first_forward_in_its_own_group_w
     )
     err = res.errors[0][1]
     assert err.type == "AssertionError" and "uniform original parameter dtype" in err.message
-    assert "fsdp_nb explains: One fully_shard group all-gathers" in err.traceback
+    assert any(line.startswith("fsdp_nb explains: One fully_shard group all-gathers") for line in err.short)
     session.run(
         FSDP2.replace(
             "fully_shard(m2, mesh=mesh)",

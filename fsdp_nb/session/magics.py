@@ -142,6 +142,15 @@ class FSDPMagics(Magics):
         result.raise_errors()
 
     @line_magic
+    def fsdp_tb(self, line):
+        """The whole traceback of the last cell that failed, on every rank that failed, as %tb shows one."""
+        error = self.session.last_error if self.session is not None else None
+        if error is None:
+            print("fsdp_nb: no cell has failed in this session yet")
+            return
+        print(error.traceback())
+
+    @line_magic
     def fsdp_push(self, line):
         """Copy notebook variables to every rank: %fsdp_push model_cfg data"""
         names = line.split()

@@ -110,12 +110,20 @@ class Event:
 
 @dataclass(slots=True)
 class RemoteError:
-    """An exception raised on a rank, with its traceback already formatted there."""
+    """An exception raised on a rank, with its traceback already formatted there.
+
+    Only the rank holds the exception object, so the rank also decides whether fsdp_nb
+    recognises it, and fills `short` (see [Note: short errors] in fsdp_nb/rank/errors.py).
+    """
 
     type: str
-    message: str
-    traceback: str  # the user-facing part: frames of the cell and below
+    message: str  # the first line of the message
+    traceback: str  # the user-facing part: frames of the cell and below, whole (what %fsdp_tb shows)
     timeout: bool = False  # raised by a collective that timed out (the rank was stuck)
+    # The lines shown under the header instead of the traceback, unwrapped, when fsdp_nb recognises
+    # the error: the user's line that raised, torch's error it re-worded, its explanation. Empty: the
+    # error is shown whole.
+    short: tuple[str, ...] = ()
 
     def headline(self) -> str:
         return f"{self.type}: {self.message}" if self.message else self.type

@@ -2,7 +2,9 @@
 
 RankError renders like a local traceback in IPython (`_render_traceback_`): each
 distinct remote error once, labelled with the ranks that raised it, the first
-failing rank first; then ranks that died or were stuck, and what to do next.
+failing rank first; then ranks that died or were stuck, and what to do next. An
+error fsdp_nb explains is shown short, others whole; `traceback()` (what `%fsdp_tb`
+prints) shows every one whole (see fsdp_nb/session/error_text.py).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fsdp_nb.session import protocol as P
+from fsdp_nb.session.error_text import ITEM, POINTER, error_lines, wrap
 
 _BRACED = re.compile(r"\{([^{}]*)\}")
 _NUMBER = re.compile(r"\d+")
@@ -132,28 +135,38 @@ class RankError(Exception):
         return list(groups.values())
 
     def _render_traceback_(self) -> list[str]:
+        """What IPython shows: errors fsdp_nb explains in short, with a pointer to the whole traceback."""
+        return self.lines(full=False)
+
+    def traceback(self) -> str:
+        """Every failed rank's whole traceback, identical ones merged: what `%fsdp_tb` prints."""
+        return "\n".join(self.lines(full=True))
+
+    def lines(self, *, full: bool) -> list[str]:
+        """The rendering, one list item per line of at most error_text.WIDTH characters."""
         lines: list[str] = []
         errors = dict(self.result.errors)
-        for ranks, err in self.groups():
-            lines.append(f"[{rank_list(ranks)}] {err.headline()}")
-            body = err.traceback.rstrip("\n") if err.traceback else err.headline()
-            lines.extend("  " + ln for ln in body.splitlines())
+        groups = self.groups()
+        for ranks, err in groups:
+            lines.extend(error_lines(f"[{rank_list(ranks)}]", err, full=full))
             others = [
                 r for r in ranks if (errors[r].traceback or errors[r].headline()) != (err.traceback or err.headline())
             ]
             if others:  # merged, but not word for word: say whose words these are
                 shown = next(r for r in ranks if errors[r] is err)
-                lines.append(
-                    f"  (rank {shown}'s message; {rank_list(others)} said the same with other numbers "
-                    "or another set order)"
-                )
+                why = f"{rank_list(others)} said the same with other numbers or another set order"
+                lines.extend(wrap(f"(rank {shown}'s message; {why})", ITEM))
+        if not full and any(err.short for _, err in groups):
+            lines.append(POINTER)  # once, however many errors were shortened
         res = self.result
         for r, why in sorted(res.died.items()):
-            lines.append(f"[rank {r}] {why}")
+            lines.extend(wrap(f"[rank {r}] {why}"))
         if res.stuck:
-            lines.append(f"{rank_list(res.stuck)} did not finish (stuck in a collective or ignoring the interrupt)")
+            lines.extend(
+                wrap(f"{rank_list(res.stuck)} did not finish (stuck in a collective or ignoring the interrupt)")
+            )
         if res.broken:
-            lines.append(f"The session is broken ({res.broken}). Run %fsdp_restart (or session.restart()).")
+            lines.extend(wrap(f"The session is broken ({res.broken}). Run %fsdp_restart (or session.restart())."))
         return lines
 
     def __str__(self) -> str:

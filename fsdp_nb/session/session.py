@@ -35,7 +35,7 @@ from fsdp_nb.session.export import Step, script
 from fsdp_nb.session.launcher import RankGroup, exit_description
 from fsdp_nb.session.options import SessionConfig
 from fsdp_nb.session.output import CollatedPrinter, Silent, printer
-from fsdp_nb.session.results import CellResult, rank_list
+from fsdp_nb.session.results import CellResult, RankError, rank_list
 
 INTERRUPT_GRACE_S = 2.0  # ranks get this long to stop after an interrupt
 STUCK_MARGIN_S = 5.0  # after a rank fails, its peers get pg timeout + this to finish
@@ -79,6 +79,9 @@ class Session:
         self.dashboard = Dashboard()
         self.event_handlers: list = [self.dashboard]  # callables (rank, kind, payload)
         self.running: tuple[str, float] | None = None  # (source, start time) of the cell in flight
+        # The last request that failed on some rank, whole tracebacks kept: what %fsdp_tb prints
+        # (`session.last_error.traceback()` in Python). Kept across restarts: it explains why one was needed.
+        self.last_error: RankError | None = None
         self._group: RankGroup | None = None
         self._ids = itertools.count(1)
         self._cells = itertools.count(1)
@@ -301,6 +304,8 @@ class Session:
                 stuck_after_s=self.config.timeout + self.STUCK_MARGIN_S,
                 interrupt_grace_s=self.INTERRUPT_GRACE_S,
             ).run()
+            if not result.ok:
+                self.last_error = RankError(result)
             if result.broken:
                 self._mark_broken(result.broken)
             elif self.state == State.BUSY:
