@@ -17,7 +17,7 @@ import time
 from matplotlib.figure import Figure
 
 from fsdp_nb.layout import fsdp1_layout, fsdp2_layout
-from fsdp_nb.viz.explorer import Explorer, ExplorerSettings, layer_specs, svg_markup
+from fsdp_nb.viz.explorer import FIGURE_INCHES, Explorer, ExplorerSettings, layer_specs, svg_markup
 
 
 def changes(n: int):
@@ -73,9 +73,9 @@ def main() -> None:
     layout = median_ms(lambda i: (fsdp1_layout(specs, 1 + i % 8), fsdp2_layout(specs, 1 + i % 8)), n)
 
     def empty_axes(i):
-        fig = Figure(figsize=(13, 3.6), dpi=72)
+        fig = Figure(figsize=FIGURE_INCHES)
         for k in range(2):  # the explorer's two panels, drawing nothing
-            fig.add_axes((0.5 * k + 0.07, 0.04, 0.42, 0.84)).set_axis_off()
+            fig.add_axes((0.5 * k + 0.1, 0.03, 0.39, 0.82)).set_axis_off()
         svg_markup(fig)
 
     empty = median_ms(empty_axes, n)

@@ -43,7 +43,7 @@ def test_freezing_l1_is_an_fsdp1_error_unless_use_orig_params(explorer):
         "when `use_orig_params=False`"
     ) in explorer.text
     assert "l1.weight, l1.bias are frozen" in explorer.text
-    banners = [t.get_text() for t in explorer.figure.axes[0].texts if t.get_gid() == "rejected"]
+    banners = [" ".join(t.get_text().split()) for t in explorer.figure.axes[0].texts if t.get_gid() == "rejected"]
     assert len(banners) == 1 and "uniform `requires_grad`" in banners[0]
     assert "FSDP2: works." in explorer.text and "l1's DTensors keep requires_grad=False" in explorer.text
     explorer.controls["use_orig_params"].value = True
@@ -90,3 +90,17 @@ def test_explore_takes_settings_and_displays_as_a_widget():
     assert e.controls["world_size"].value == 8 and len(e.figure.axes) == 1
     bundle = e._repr_mimebundle_()
     assert "application/vnd.jupyter.widget-view+json" in bundle
+
+
+def test_in_the_saved_notebooks_mode_the_explorer_is_its_picture_alone(monkeypatch):
+    from fsdp_nb.viz.explorer import Explorer, ExplorerSettings
+
+    explorer = Explorer(ExplorerSettings())
+    live = explorer._repr_mimebundle_()
+    live = live[0] if isinstance(live, tuple) else live
+    assert "application/vnd.jupyter.widget-view+json" in live and live["image/png"]
+    monkeypatch.setenv("FSDP_NB_COLLATE", "1")
+    saved = explorer._repr_mimebundle_()
+    saved = saved[0] if isinstance(saved, tuple) else saved
+    assert "application/vnd.jupyter.widget-view+json" not in saved
+    assert saved["image/png"] and "run the cell for the controls" in saved["text/plain"]

@@ -3,6 +3,11 @@
 `render(settings)` is the whole redraw, a pure function (settings -> Figure and
 text). `Explorer` only wires ipywidgets controls to it; tests drive
 `Explorer.update()` after setting widget values and read `.figure` and `.text`.
+
+The figure is always `FIGURE_INCHES` wide, the width of a notebook's output area
+(~950 px), whatever the number of panels: the SVG is scaled to that width, so 1 pt
+of the figure is 950 / (9.5 * 72) = 1.39 px on screen, and every label (7 pt at
+least) is 9.7 px or more.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import os
 import re
 import textwrap
 from dataclasses import dataclass, fields
@@ -19,11 +25,19 @@ from matplotlib import rc_context
 from matplotlib.figure import Figure
 
 from fsdp_nb.layout import ParamSpec, fsdp1_layout, fsdp2_layout
+from fsdp_nb.viz.labels import AREA_INCHES
 from fsdp_nb.viz.layout_figs import draw_fsdp1, draw_fsdp2
 from fsdp_nb.viz.tables import format_fsdp1
 
 VERSIONS = ("1", "2", "both")
 MAX_DIM = 32
+FIGURE_INCHES = (AREA_INCHES, 3.6)
+"""Width and height of the redrawn figure, one panel or two."""
+MARGINS = (0.95, 0.1, 0.1, 0.55)
+"""Inches around each panel's axes (left, right, bottom, top): row labels on the left, titles on top."""
+STATIC_DPI = 100
+"""The static picture (PNG) is as wide as the output area: 950 px, labels 9.7 px and more."""
+NOTE = "A picture of the explorer's first state: run the cell for the controls"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,8 +114,8 @@ def _wrapped(text: str, width: int = 110) -> str:
     return "\n".join(out)
 
 
-def render(s: ExplorerSettings) -> tuple[Figure, str]:
-    """Redraw for one setting: the figure and the text shown under it."""
+def _panels(s: ExplorerSettings):
+    """(draw function, layout) per panel, and the verdict text."""
     specs = layer_specs(s)
     panels, texts = [], []
     if s.version in ("1", "both"):
@@ -113,13 +127,35 @@ def render(s: ExplorerSettings) -> tuple[Figure, str]:
         lay2 = fsdp2_layout(specs, s.world_size, groups=groups)
         panels.append((draw_fsdp2, lay2))
         texts += [_verdict(lay2, 2, s)]
+    return panels, "\n\n".join(texts)
+
+
+def _figure(panels, note: str = "") -> Figure:
+    """Panels side by side in the output area's width; `note` is a line over them."""
+    width, height = FIGURE_INCHES
+    left, right, bottom, top = MARGINS
+    top += 0.3 if note else 0.0
+    height += 0.3 if note else 0.0
     # Fixed axes positions: constrained layout would cost a second full draw per change.
-    fig = Figure(figsize=(6.5 * len(panels), 3.6), dpi=72)
-    width = 1.0 / len(panels)
+    fig = Figure(figsize=(width, height), dpi=STATIC_DPI)
+    each = width / len(panels)
     for k, (draw, layout) in enumerate(panels):
-        ax = fig.add_axes((k * width + 0.14 * width, 0.04, 0.84 * width, 0.84))
-        draw(ax, layout, compact=True)
-    return fig, "\n\n".join(texts)
+        rect = ((k * each + left) / width, bottom / height, (each - left - right) / width, 1 - (top + bottom) / height)
+        draw(fig.add_axes(rect), layout, compact=True)
+    if note:
+        fig.text(0.5, 1 - 0.08 / height, note, ha="center", va="top", fontsize=9, color="#444444", gid="note")
+    return fig
+
+
+def render(s: ExplorerSettings) -> tuple[Figure, str]:
+    """Redraw for one setting: the figure and the text shown under it."""
+    panels, text = _panels(s)
+    return _figure(panels), text
+
+
+def picture(s: ExplorerSettings) -> Figure:
+    """The static stand-in for the widget (GitHub, nbviewer, no widget state): the figure, saying it is one."""
+    return _figure(_panels(s)[0], note=NOTE)
 
 
 def svg_markup(fig: Figure) -> str:
@@ -169,7 +205,7 @@ class Explorer:
         self.text = ""
         for control in self.controls.values():
             control.observe(self.update, names="value")
-        self.first = render(s)[0]
+        self.first = picture(s)
         boxes = list(self.controls.values())
         self.widget = w.VBox([w.HBox([w.VBox(boxes[:5]), w.VBox(boxes[5:])]), self.view, self.message])
         self.update()
@@ -184,14 +220,29 @@ class Explorer:
         self.message.value = f'<pre style="white-space:pre-wrap">{html.escape(self.text)}</pre>'
 
     def _repr_mimebundle_(self, **kwargs):
-        """The live widget, plus a picture of its first state for readers with no kernel (GitHub, nbviewer)."""
-        bundle = self.widget._repr_mimebundle_(**kwargs)
-        data = bundle[0] if isinstance(bundle, tuple) else bundle
+        """The live widget, plus a picture of its first state for readers with no kernel (GitHub, nbviewer).
+
+        The picture says in its own pixels that it is one: a frontend shows either the widget
+        or the PNG (JupyterLab and GitHub never show text/plain beside a PNG), so the PNG is
+        the only place where a reader without the widget is sure to see the hint.
+        """
+        if _static_only():  # no widget: the saved notebook has no widget state to lose
+            bundle = data = {}
+        else:
+            bundle = self.widget._repr_mimebundle_(**kwargs)
+            data = bundle[0] if isinstance(bundle, tuple) else bundle
         buf = io.BytesIO()
-        self.first.savefig(buf, format="png", dpi=72)
+        self.first.savefig(buf, format="png", dpi=STATIC_DPI)
         data["image/png"] = base64.b64encode(buf.getvalue()).decode("ascii")
-        data["text/plain"] = "FSDP layout explorer (a picture of its first state): run the cell for the controls"
+        data["text/plain"] = f"FSDP layout explorer. {NOTE}"
         return bundle
+
+
+def _static_only() -> bool:
+    """True in the deterministic mode that nbval and the saved tutorials run in (FSDP_NB_COLLATE=1): the
+    explorer is shown as its picture alone, so a saved notebook carries no widget model, and a reader who
+    opens it anywhere sees the picture and its hint, never "model not found"."""
+    return os.environ.get("FSDP_NB_COLLATE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def explore(**settings) -> Explorer:

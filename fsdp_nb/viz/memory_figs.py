@@ -8,12 +8,14 @@ per rank, e.g. FSDP1 next to FSDP2) or `MemoryReport`s read from the ranks
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from fsdp_nb.layout import Fsdp1Layout, Fsdp2Layout, RankBytes
+from fsdp_nb.viz.labels import LABEL_PT, FitText
 from fsdp_nb.viz.layout_figs import PAD_FACE, PAD_HATCH
 
 CATEGORY_COLORS = {"params": "#4C72B0", "grads": "#DD8452", "optimizer": "#55A868"}
@@ -41,6 +43,12 @@ def _stack(ax, x, width, parts: Sequence[tuple[str, RankBytes, str]], rank: int)
             )
             bottom += value
     return bottom
+
+
+def _total(ax, x, slot, top) -> None:
+    """The bar's total above it, upright or turned, within its slot of the x axis; left out if neither fits."""
+    text = f"{top:.0f}"
+    FitText(ax, (x - slot / 2, top, slot, math.inf), [(text, 0), (text, 90)], above=True, gid="total")
 
 
 def _is_report(item) -> bool:
@@ -76,7 +84,7 @@ def plot_memory(source) -> Figure:
         for m in reports:
             parts = [(c, getattr(m, c), CATEGORY_COLORS[c]) for c in CATEGORY_COLORS]
             top = _stack(ax, m.rank, 0.6, parts, m.rank)
-            ax.text(m.rank, top, f"{top:.0f}", ha="center", va="bottom", fontsize=7)
+            _total(ax, m.rank, 1.0, top)
         legend = [Patch(facecolor=c, label=n) for n, c in CATEGORY_COLORS.items()]
         ranks = [m.rank for m in reports]
         ax.set_title("Memory per rank, read from torch", fontsize=9)
@@ -92,7 +100,7 @@ def plot_memory(source) -> Figure:
             for r in ranks:
                 x = r - 0.4 + width * (k + 0.5)
                 top = _stack(ax, x, width * 0.9, [(name, lay.bytes(r), color)], r)
-                ax.text(x, top, f"{top:.0f}", ha="center", va="bottom", fontsize=7)
+                _total(ax, x, width, top)
         legend = [Patch(facecolor=SERIES_COLORS[k % len(SERIES_COLORS)], label=n) for k, n in enumerate(series)]
         ax.set_title("Parameter bytes per rank", fontsize=9)
     else:
@@ -100,9 +108,10 @@ def plot_memory(source) -> Figure:
             f"plot_memory: expected layouts or MemoryReports, not a mix of {sorted({type(m).__name__ for m in items})}"
         )
     legend.append(Patch(facecolor=PAD_FACE, hatch=PAD_HATCH, edgecolor="#555555", label="padding"))
-    ax.legend(handles=legend, fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    # right of the axes: outside the bars, whatever their heights
+    ax.legend(handles=legend, fontsize=LABEL_PT, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_xticks(ranks)
     ax.set_xticklabels([f"rank {r}" for r in ranks])
     ax.set_ylabel("bytes")
-    ax.margins(y=0.15)
+    ax.margins(y=0.2)  # headroom for the totals, turned upright when bars are narrow
     return fig

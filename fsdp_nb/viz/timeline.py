@@ -117,5 +117,13 @@ def _memory(ax, trace: Trace) -> None:
     ax.set_ylabel(f"unsharded\n{unit}", fontsize="small")
     ax.set_ylim(0, max(peak / scale * 1.15, 1e-9))
     ax.tick_params(axis="y", labelsize="small")
-    if trace.world_size <= 4:
-        ax.legend(fontsize="x-small", loc="upper right", ncols=trace.world_size, frameon=False)
+    # One row above the panel's right end, outside the curves whatever the time range shown.
+    ax.legend(
+        fontsize="x-small",
+        loc="lower right",
+        bbox_to_anchor=(1.0, 1.0),
+        ncols=trace.world_size,
+        frameon=False,
+        borderaxespad=0.2,
+        borderpad=0.2,
+    )
