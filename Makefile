@@ -16,13 +16,17 @@ STAMP  := $(VENV)/.installed-$(TORCH_TAG)
 
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: test lint format lab install bench e2e figures clean
+.PHONY: test lint format lab install bench e2e notebooks figures clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml jupyter-config/fsdp_nb-widget-state.json
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[test]"
+	# An editable install skips the wheel's data files: JupyterLab's default to save widget state with
+	# the notebook (so the explorer survives a save and a reopen) is copied where the wheel puts it.
+	mkdir -p $(VENV)/share/jupyter/lab/settings/overrides.d
+	cp jupyter-config/fsdp_nb-widget-state.json $(VENV)/share/jupyter/lab/settings/overrides.d/
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -46,6 +50,10 @@ e2e: $(STAMP)
 	@$(PY) -c "import playwright" 2>/dev/null || (echo "make e2e needs Playwright for Python: $(PY) -m pip install playwright (never 'playwright install': it uses /usr/bin/chromium)"; exit 2)
 	@test -x /usr/bin/chromium || (echo "make e2e needs Chromium: apt-get install chromium"; exit 2)
 	$(PY) e2e/run.py
+
+# The tutorials run again and saved with their new outputs, as nbval compares them (collated, no widget state).
+notebooks: $(STAMP)
+	$(PY) e2e/refresh_outputs.py
 
 # The README's picture, drawn from the code.
 figures: $(STAMP)

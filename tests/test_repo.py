@@ -114,3 +114,20 @@ def test_the_example_files_read():
     assert run["fsdp"].fsdp_version == 2 and run["train"].steps == 20
     for path in (ROOT / "examples").glob("accelerate_*.yaml"):
         FSDPConfig.from_accelerate_yaml(path)
+
+
+def test_jupyterlab_saves_widget_state_wherever_fsdp_nb_is_installed():
+    """The explorer reopens after a save only if JupyterLab saved its widget state: the default ships with
+    the wheel (data files), and the editable installs of `make` and Binder copy it where the wheel puts it."""
+    import json
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    setting = "jupyter-config/fsdp_nb-widget-state.json"
+    assert json.loads((ROOT / setting).read_text()) == {
+        "@jupyter-widgets/jupyterlab-manager:plugin": {"saveState": True}
+    }
+    data_files = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["data-files"]
+    assert data_files == {"share/jupyter/lab/settings/overrides.d": [setting]}
+    for copier in ("Makefile", "binder/postBuild"):
+        text = (ROOT / copier).read_text()
+        assert setting in text and "share/jupyter/lab/settings/overrides.d" in text, copier

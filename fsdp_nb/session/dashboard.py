@@ -35,6 +35,14 @@ def _in_kernel() -> bool:
     return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
 
 
+def _close(widget) -> None:
+    """Close a widget and the models it made for itself (its layout and style): a closed widget whose
+    layout lives on would be saved with the notebook as a model that no output uses."""
+    for part in (widget, getattr(widget, "layout", None), getattr(widget, "style", None)):
+        if part is not None:
+            part.close()
+
+
 class Dashboard:
     """A session's event handler (`session.dashboard`): progress bar and live metric curves.
 
@@ -96,7 +104,7 @@ class Dashboard:
         if self._saving is not None:  # the status line turns static too; news after this gets a line of its own
             self._saving_handle.update({"text/plain": self._saving.value}, raw=True)
             self._lines = {k: v for k, v in self._lines.items() if v is not self._saving}
-            self._saving.close()
+            _close(self._saving)
             self._saving = None
         if not self.widgets:
             if self.bar is not None:
@@ -107,14 +115,15 @@ class Dashboard:
             return
         from IPython.display import display
 
-        picture = self.static_bundle()
+        line = self.summary()
+        picture = self.static_bundle(line)
         if self._handle is not None:
             self._handle.update(picture, raw=True)  # the widget's place in the output, now static
-            self.view.close()
+            _close(self.view)
         elif "image/png" in picture:
             display(picture, raw=True)
         # The line is an output of its own: beside a PNG, a text/plain part is never shown.
-        display({"text/plain": self.summary()}, raw=True)
+        display({"text/plain": line}, raw=True)
         # Done with this cell: a later request (a silent eval) must not show it again.
         self.view = self._handle = None
         self.progress, self._plotted, self._started = None, False, None
@@ -141,9 +150,9 @@ class Dashboard:
             parts.append(f"in {time.monotonic() - self._started:.2f} s")
         return " · ".join(parts)
 
-    def static_bundle(self) -> dict:
+    def static_bundle(self, summary: str | None = None) -> dict:
         """A MIME bundle of the final picture: the curves as PNG (if any), and the summary as text."""
-        bundle = {"text/plain": self.summary()}
+        bundle = {"text/plain": summary if summary is not None else self.summary()}
         if self._plotted:
             bundle["image/png"] = base64.b64encode(self._png()).decode("ascii")
         return bundle
@@ -182,7 +191,7 @@ class Dashboard:
             import ipywidgets as w
             from IPython.display import display
 
-            self.view = w.HTML(layout=w.Layout(width="100%"))
+            self.view = w.HTML()
             self._handle = display(self.view, display_id=True)
         self.view.value = self.live_html()
         self._last_draw = time.monotonic()  # drawing takes time: the next redraw waits from its end
