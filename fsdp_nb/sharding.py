@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fsdp_nb._torch import checkpoint_wrapper, is_torch_wrap_policy, run_wrap_policy
+from fsdp_nb.hf.detect import causal_lm
 from fsdp_nb.loading import (
     broadcast_from_rank0,
     fill_from_rank0,
@@ -117,12 +118,21 @@ def wrap_units(model: nn.Module, config: FSDPConfig) -> list[nn.Module]:
         names = list(config.transformer_cls_names_to_wrap or getattr(model, "_no_split_modules", None) or [])
         present = sorted({type(m).__name__ for m in model.modules()})
         missing = [n for n in names if n not in present]
-        if not names or missing:
+        if missing:
             raise ValueError(
                 f"auto_wrap_policy='TRANSFORMER_BASED_WRAP': transformer_cls_names_to_wrap="
-                f"{names!r} names {missing if names else 'no class'}, which "
-                f"{type(model).__name__} does not contain; its classes are {present}"
+                f"{names!r} names {missing}, which {type(model).__name__} does not contain; its classes are {present}"
             )
+        if not names:  # as Accelerate does for a model that names no block class
+            warnings.warn(
+                f"auto_wrap_policy='TRANSFORMER_BASED_WRAP': {type(model).__name__} has no _no_split_modules and "
+                f"no transformer_cls_names_to_wrap was given, so units are chosen by size (SIZE_BASED_WRAP, "
+                f"min_num_params={config.min_num_params:,}); name the block class to wrap one unit per block",
+                UserWarning,
+                stacklevel=3,
+            )
+            policy = "SIZE_BASED_WRAP"
+    if policy == "TRANSFORMER_BASED_WRAP":
         units = [m for m in modules if type(m).__name__ in names]
     elif policy == "SIZE_BASED_WRAP":
         units = _ask_fsdp1_policy(
@@ -173,6 +183,14 @@ def _splits_a_tie(model: nn.Module, unit: nn.Module) -> bool:
 def apply_activation_checkpointing(model: nn.Module, units: list[nn.Module], config: FSDPConfig) -> list[nn.Module]:
     """Replace each unit by a `checkpoint_wrapper` of it when `activation_checkpointing`
     is on; returns the (possibly wrapped) units, which are what gets sharded."""
+    hf = causal_lm(model)
+    if config.activation_checkpointing and hf is not None and _hf_checkpointing(hf):
+        off = "activation" if hasattr(hf, "activation_checkpointing_disable") else "gradient"  # renamed in 5.x
+        raise ValueError(
+            "activation_checkpointing=True, and Hugging Face's own checkpointing is on too: each layer would be "
+            f"recomputed twice. Keep one switch: call model.{off}_checkpointing_disable() and keep "
+            "activation_checkpointing=True, which checkpoints exactly the FSDP units"
+        )
     if not config.activation_checkpointing:
         return units
     if not units:
@@ -189,6 +207,16 @@ def apply_activation_checkpointing(model: nn.Module, units: list[nn.Module], con
         parent_of.update({id(c): (wrapper, n) for n, c in wrapper.named_children()})
         wrapped.append(wrapper)
     return wrapped
+
+
+def _hf_checkpointing(hf: nn.Module) -> bool:
+    """Whether `gradient_checkpointing_enable()` (`activation_checkpointing_enable()` in later 5.x) is on."""
+    name = (
+        "is_activation_checkpointing"
+        if hasattr(type(hf), "is_activation_checkpointing")
+        else "is_gradient_checkpointing"
+    )
+    return bool(getattr(hf, name, False))
 
 
 # ---- 3. sharding -------------------------------------------------------------------

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -33,6 +34,7 @@ from torch import nn
 
 from fsdp_nb.data import ByteBlocks, ShardedBatches, check_batch_split
 from fsdp_nb.layout.inspect import memory_of
+from fsdp_nb.model_forms import choose_form, compute_loss
 from fsdp_nb.optim import clip_sharded_grads, lr_at, make_adamw
 from fsdp_nb.rank import events
 from fsdp_nb.sharding import fsdp_version_of
@@ -114,7 +116,9 @@ def _is_ddp(model: nn.Module) -> bool:
 
 
 class Trainer:
-    """Trains a model that returns `(logits, loss)` on `(x, y)` batches.
+    """Trains a model on `(x, y)` batches: `model(x, y) -> (logits, loss)`, a Hugging Face causal LM
+    (`model(input_ids=..., labels=...).loss`), or any model with `loss_fn=fn`, `fn(model, (x, y)) -> loss`
+    (`fsdp_nb.model_forms`: an explicit `loss_fn` wins, then a Transformers model, then `(x, y)`).
 
     `Trainer(model, data, TrainConfig(...), fsdp=FSDPConfig(...))` shards the
     model first (see `fsdp_nb.shard`) and builds AdamW afterwards, from the
@@ -146,6 +150,7 @@ class Trainer:
         checkpoint_every: int = 0,
         resume_from: str | os.PathLike | None = None,
         async_checkpoint: bool = False,
+        loss_fn: Callable | None = None,
     ):
         if not (isinstance(checkpoint_every, int) and checkpoint_every >= 0) or isinstance(checkpoint_every, bool):
             raise ValueError(f"Trainer: checkpoint_every={checkpoint_every!r} must be an int >= 0 (steps; 0: never)")
@@ -155,6 +160,8 @@ class Trainer:
         self.async_checkpoint = async_checkpoint
         self.config = config
         self.name = name  # labels this run's curve in the notebook's live plot
+        self.form = choose_form(model, loss_fn)  # on the model as given: sharding wraps it
+        self.loss_fn = loss_fn
         self.rank, self.world_size = init_distributed()
         self.master_process = self.rank == 0  # gates every rank-0 side effect, in _report
         check_batch_split(config.global_batch_size, self.world_size, config.grad_accum_steps)
@@ -245,7 +252,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         for k, (xm, ym) in enumerate(zip(x.chunk(cfg.grad_accum_steps), y.chunk(cfg.grad_accum_steps))):
             with self._sync_gradients(last_micro_step=k == cfg.grad_accum_steps - 1):
-                _, loss = self.model(xm, ym)  # mean over this micro-batch
+                loss = compute_loss(self.form, self.model, xm, ym, self.loss_fn)  # mean over this micro-batch
                 (loss / cfg.grad_accum_steps).backward()
             loss_sum += loss.detach().float() / cfg.grad_accum_steps
         grad_norm = self._clip()
@@ -282,7 +289,7 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for k in range(self.config.eval_batches):
             x, y = self.val_batches.batch(k, self.device)  # (b, T)
-            total += self.model(x, y)[1].float()
+            total += compute_loss(self.form, self.model, x, y, self.loss_fn).float()
         return self._mean_over_ranks(total / self.config.eval_batches)
 
     def fit(self) -> list[dict]:

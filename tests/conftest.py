@@ -15,6 +15,10 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.pop("FSDP_NB_COLLATE", None)  # tests choose the output mode themselves
 os.environ.setdefault("MPLBACKEND", "Agg")
+# Nothing touches the network: Hugging Face models come from configs, tokenizers are trained here.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no tokenizer threads beside the ranks' one
 
 
 @pytest.fixture(scope="session")

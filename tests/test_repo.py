@@ -56,12 +56,13 @@ def test_binder_installs_what_pyproject_asks_with_a_supported_python():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     requirements = [ln.strip() for ln in (ROOT / "binder" / "requirements.txt").read_text().splitlines()]
     requirements = [ln for ln in requirements if ln and not ln.startswith("#")]
-    assert "-e ." in requirements or "." in requirements  # the package, with every dependency pyproject lists
+    # the package, with every dependency pyproject lists, and the hf extra tutorial 06 needs
+    assert "-e .[hf]" in requirements
     pinned = [ln for ln in requirements if ln.startswith("torch")]
     makefile_torch = re.search(r"^TORCH\s*\?=\s*(\S+)", (ROOT / "Makefile").read_text(), re.M).group(1)
     assert pinned == [makefile_torch]  # the same CPU build as `make`
     assert any("download.pytorch.org/whl/cpu" in ln for ln in requirements)  # CPU wheels: a small image
-    extra = [ln for ln in requirements if ln not in ("-e .", ".") and not ln.startswith(("torch", "--"))]
+    extra = [ln for ln in requirements if ln != "-e .[hf]" and not ln.startswith(("torch", "--"))]
     assert extra == [], f"binder installs packages pyproject does not list: {extra}"
     runtime = (ROOT / "binder" / "runtime.txt").read_text().strip()
     version = tuple(int(x) for x in runtime.removeprefix("python-").split("."))
@@ -69,6 +70,8 @@ def test_binder_installs_what_pyproject_asks_with_a_supported_python():
     assert version >= low, f"{runtime} is below requires-python {project['requires-python']}"
     deps = {re.split(r"[<>=!\[ ]", d)[0].lower() for d in project["dependencies"]}
     assert {"torch", "ipywidgets", "jupyterlab", "matplotlib"} <= deps
+    extras = project["optional-dependencies"]
+    assert set(extras["hf"]) <= set(extras["test"])  # make test runs the Hugging Face tests, never skips them
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
