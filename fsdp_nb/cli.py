@@ -101,7 +101,11 @@ def to_fsdp2_command(args: argparse.Namespace) -> int:
 def _merge_arguments(parser: argparse.ArgumentParser) -> None:
     # Argument names are `accelerate merge-weights`'s.
     parser.add_argument("checkpoint_directory", help="a checkpoint written by save_checkpoint (sharded or full)")
-    parser.add_argument("output_path", help="the directory to write model.safetensors (or pytorch_model.bin) into")
+    parser.add_argument(
+        "output_path",
+        help="the directory to write model.safetensors (or pytorch_model.bin) into; for a Transformers model, "
+        "a directory from_pretrained loads (config, weights with adapters folded in, tokenizer)",
+    )
     parser.add_argument(
         "--unsafe_serialization",
         action="store_true",
@@ -110,7 +114,8 @@ def _merge_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def merge_command(args: argparse.Namespace) -> int:
-    """Merge a checkpoint's weights into one file that a plain, unsharded model loads."""
+    """Merge a checkpoint's weights into one file that a plain, unsharded model loads (for a Transformers
+    model, a whole `from_pretrained` directory)."""
     from fsdp_nb.checkpoint import CheckpointError, merge_weights
 
     try:
@@ -155,7 +160,7 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
     ),
     Subcommand(
         name="merge-weights",
-        help="merge a checkpoint's weights into one model.safetensors for a plain model",
+        help="merge a checkpoint's weights into one model.safetensors (a from_pretrained directory for Transformers)",
         add_arguments=_merge_arguments,
         run=merge_command,
     ),

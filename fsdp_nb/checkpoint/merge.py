@@ -9,12 +9,19 @@ again with AdamW), so the memory needed is about one copy of the weights:
   reads every shard of only those keys from whichever files hold them;
 - a full checkpoint: `full.pt` is memory-mapped, and only the pages of the model's
   tensors are read, by the writer itself, as it writes them out.
+
+A checkpoint of a Transformers model (its manifest's `hf` record, see `fsdp_nb.hf.export`)
+becomes a whole `from_pretrained` directory: `config.json`, `generation_config.json`,
+the weights under the base architecture's names (a PEFT model's adapters folded in), and
+the tokenizer's files when the checkpoint has them. Every file is written under a
+temporary name and renamed into place, `config.json` last.
 """
 
 from __future__ import annotations
 
 import inspect
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -23,6 +30,7 @@ import torch
 from fsdp_nb.checkpoint import store
 from fsdp_nb.checkpoint.load import first_line
 from fsdp_nb.checkpoint.store import CheckpointError
+from fsdp_nb.hf import export
 
 SAFE_NAME, TORCH_NAME = "model.safetensors", "pytorch_model.bin"  # Accelerate's file names
 # What DCP says each time it is asked to load without ranks; here that is the intent, not a misconfiguration.
@@ -35,9 +43,13 @@ def merge_weights(checkpoint_dir: str | os.PathLike, output_path: str | os.PathL
 
     With `safe_serialization=False` the file is `output_path/pytorch_model.bin`, a
     `torch.save`d state dict. Either loads with `model.load_state_dict(...)` into the
-    plain model. Returns the file written. Raises CheckpointError (one line) for a
-    missing path, a directory that is not a checkpoint, one that holds several, or
-    (unless `verify=False`) a file whose bytes differ from those saved.
+    plain model. Returns the file written. A checkpoint of a Transformers model becomes
+    a directory that `AutoModelForCausalLM.from_pretrained(output_path)` loads (a PEFT
+    model's adapters folded into the base weights, as `merge_and_unload` does, and the
+    tokenizer's files beside them if the checkpoint has a tokenizer); then the directory
+    is returned. Raises CheckpointError (one line) for a missing path, a directory that
+    is not a checkpoint, one that holds several, or (unless `verify=False`) a file whose
+    bytes differ from those saved.
     """
     manifest = store.verify(checkpoint_dir) if verify else store.inspect(checkpoint_dir)
     out_dir = Path(output_path)
@@ -45,16 +57,65 @@ def merge_weights(checkpoint_dir: str | os.PathLike, output_path: str | os.PathL
         raise CheckpointError(f"output path {out_dir} is a file; give a directory to write {SAFE_NAME} into")
     weights = _read_model(manifest)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if manifest.hf is not None:
+        return _write_pretrained(manifest, weights, out_dir, safe_serialization)
     target = out_dir / (SAFE_NAME if safe_serialization else TORCH_NAME)
     tmp = target.with_name(f".{target.name}.tmp")
-    if safe_serialization:
+    _save_weights(weights, tmp, safe_serialization)
+    tmp.replace(target)
+    if _tokenizer_files(manifest):  # a tokenizer saved beside a model that is not a Transformers model
+        tmp_dir = export.temporary_dir(out_dir)
+        _copy_tokenizer(manifest, tmp_dir)
+        export.publish_files(tmp_dir, out_dir, last="")
+    return target
+
+
+def _save_weights(weights: dict[str, torch.Tensor], file: Path, safe: bool) -> None:
+    if safe:
         from safetensors.torch import save_file
 
-        save_file(_unshared(weights), str(tmp), metadata={"format": "pt"})
+        save_file(_unshared(weights), str(file), metadata={"format": "pt"})
     else:
-        torch.save(weights, tmp)
-    tmp.replace(target)
-    return target
+        torch.save(weights, file)
+
+
+def _write_pretrained(manifest: store.Manifest, weights: dict[str, torch.Tensor], out_dir: Path,
+                      safe: bool) -> Path:  # fmt: skip
+    """A `from_pretrained` directory: everything written into a temporary directory inside `out_dir`,
+    then renamed into place file by file, `config.json` last."""
+    tmp = export.temporary_dir(out_dir)
+    try:
+        try:
+            state = export.pretrained_state(weights, manifest.hf, tmp)
+        except ImportError as e:
+            raise CheckpointError(f"checkpoint {manifest.path} holds a Transformers model; merging it needs "
+                                  f"the hf extra (pip install 'fsdp_nb[hf]'): {first_line(e)}") from None  # fmt: skip
+        except (CheckpointError, KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as e:  # a config this Transformers cannot read, adapters that do not fit, ...
+            raise CheckpointError(f"merging {manifest.path} into a Transformers directory failed: "
+                                  f"{first_line(e)}") from None  # fmt: skip
+        name = SAFE_NAME if safe else TORCH_NAME
+        _save_weights(state, tmp / name, safe)
+        _copy_tokenizer(manifest, tmp)
+        export.publish_files(tmp, out_dir, last=export.CONFIG_NAME)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    # The other format's file, from an earlier merge here: from_pretrained reads a safetensors file first.
+    (out_dir / (TORCH_NAME if safe else SAFE_NAME)).unlink(missing_ok=True)
+    return out_dir
+
+
+def _tokenizer_files(manifest: store.Manifest) -> list[str]:
+    return sorted(n for n in manifest.files if n.startswith(f"{store.TOKENIZER_DIR}/"))
+
+
+def _copy_tokenizer(manifest: store.Manifest, directory: Path) -> None:
+    """The tokenizer's files (verified with the rest of the checkpoint) into `directory`, beside the weights."""
+    for name in _tokenizer_files(manifest):
+        target = directory / name.removeprefix(f"{store.TOKENIZER_DIR}/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(manifest.path / name, target)
 
 
 def _read_model(manifest: store.Manifest) -> dict[str, torch.Tensor]:

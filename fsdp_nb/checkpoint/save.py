@@ -10,6 +10,8 @@ The order of one save, and why:
    parameters while the copy is written; a thread does the rest, on a gloo group of
    its own (on the default group, the checkpoint's collectives would interleave
    with training's and hang);
+   for a Transformers model, its config is recorded for the manifest, and a tokenizer, if
+   given, is written by rank 0 into the temporary directory now: both as of the call;
 4. every rank writes (DCP for sharded, `torch.save` on rank 0 for full);
 5. rank 0 writes the manifest and renames the directory into place, then tells the
    other ranks how that went, which is also the barrier that ends the save.
@@ -33,6 +35,7 @@ from fsdp_nb.checkpoint import state as S
 from fsdp_nb.checkpoint import store
 from fsdp_nb.checkpoint.quiet import before_background_write, quiet
 from fsdp_nb.checkpoint.store import CheckpointError
+from fsdp_nb.hf import export
 from fsdp_nb.phases import describe, outcomes
 from fsdp_nb.rank import events, pending
 from fsdp_nb.sharding import config_of, fsdp_version_of
@@ -106,6 +109,7 @@ def save_checkpoint(
     state_dict_type: str | None = None,
     async_save: bool = False,
     extra: dict | None = None,
+    tokenizer=None,
 ) -> AsyncCheckpoint | None:
     """Save `model` (and `optimizer`, which may be None) to the directory `path`; call it on every rank.
 
@@ -117,6 +121,11 @@ def save_checkpoint(
     kept in the manifest (the Trainer keeps its step there), copied at the call. An
     existing checkpoint at `path` is replaced only once the new one is complete;
     anything else at `path` is refused. A failure on any rank raises on every rank.
+
+    For a Transformers model (plain, sharded, or a PEFT model around one) the manifest
+    records its config and any PEFT adapter configs, so that `merge_weights` writes a
+    directory `from_pretrained` loads. A `tokenizer` (anything with `save_pretrained`)
+    is saved inside the checkpoint, in `tokenizer/`, checksummed like the weights.
     """
     kind = _kind(model, state_dict_type)
     path = Path(path).absolute()
@@ -129,10 +138,14 @@ def save_checkpoint(
         raise CheckpointError(problem)
     tmp = store.temporary_dir(path, token)
     t0 = time.perf_counter()
-    state, failure = None, None
+    state, failure, hf = None, None, None
     try:
         state = S.sharded_state(model, optimizer) if kind == KINDS[0] else S.full_state(model, optimizer)
         snapshot = S.clone_local(state) if async_save else state  # training may change the parameters from here
+        if rank == 0:
+            hf = export.record(model)  # None unless a Transformers model (fsdp_nb.hf.detect: no import)
+            if tokenizer is not None:
+                _save_tokenizer(tokenizer, tmp / store.TOKENIZER_DIR)
     except BaseException as e:
         failure = describe(e)
     failures = outcomes(failure, None)
@@ -147,6 +160,7 @@ def save_checkpoint(
         has_optimizer=optimizer is not None,
         saved_by={"fsdp_version": fsdp_version_of(model), "world_size": world, "torch": torch.__version__},
         extra=extra,
+        hf=hf,
     )
     if not async_save:
         _write(state, tmp, path, info, group=None)
@@ -173,6 +187,15 @@ def wait_pending() -> None:
     finally:
         if pending.done():
             _pending = None
+
+
+def _save_tokenizer(tokenizer, directory: Path) -> None:
+    """Rank 0: the tokenizer's own `save_pretrained` files, synced, before the manifest lists them."""
+    if not callable(getattr(tokenizer, "save_pretrained", None)):
+        raise TypeError(f"tokenizer={type(tokenizer).__name__} has no save_pretrained; pass a Transformers "
+                        "tokenizer (PreTrainedTokenizerFast, AutoTokenizer...) or leave it out")  # fmt: skip
+    tokenizer.save_pretrained(str(directory))
+    store.sync_tree(directory)
 
 
 def _prepare(path: Path) -> tuple[str, str | None]:

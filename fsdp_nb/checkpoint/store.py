@@ -4,6 +4,7 @@
       fsdp_nb_checkpoint.json   the manifest: written last, so its presence means "complete"
       .metadata  __0_0.distcp  __1_0.distcp ...   SHARDED_STATE_DICT: one file per rank (DCP)
       full.pt                                      FULL_STATE_DICT: one file, written by rank 0
+      tokenizer/                                   save_checkpoint(..., tokenizer=): its save_pretrained files
 
 [Note: atomic publication]
 Every rank writes into `.step-000012.tmp-<token>` beside the final path. When all
@@ -47,6 +48,7 @@ from pathlib import Path
 MANIFEST = "fsdp_nb_checkpoint.json"
 FORMAT = "fsdp_nb.checkpoint"
 FULL_FILE = "full.pt"
+TOKENIZER_DIR = "tokenizer"  # a tokenizer's save_pretrained files, checksummed and published with the rest
 _TMP, _OLD = ".tmp-", ".old-"
 _CHUNK = 1 << 20  # bytes per read while hashing: large enough to amortise the call, small enough to stay cached
 
@@ -67,6 +69,9 @@ class Manifest:
     extra: dict  # what the caller stored beside the state (the Trainer: its step and history)
     files: dict[str, int] = field(default_factory=dict)  # file name -> size in bytes
     sha256: dict[str, str] = field(default_factory=dict)  # file name -> hex digest; empty in older manifests
+    # A Transformers model's "config" (its config.json as a dict), "generation_config", and for a PEFT model
+    # "peft" (adapter name -> its PEFT config) and "peft_active"; None for other models and older manifests.
+    hf: dict | None = None
 
 
 def token() -> str:
@@ -79,9 +84,11 @@ def temporary_dir(path: Path, tok: str) -> Path:
 
 
 def write_manifest(directory: Path, *, state_dict_type: str, model: dict, has_optimizer: bool, saved_by: dict,
-                   extra: dict) -> None:  # fmt: skip
-    """Record what was saved, with every file's size and checksum; written last, through a temporary name."""
-    files = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
+                   extra: dict, hf: dict | None = None) -> None:  # fmt: skip
+    """Record what was saved, with every file's size and checksum; written last, through a temporary name.
+
+    Files in subdirectories (the tokenizer's) are named by their path relative to `directory`."""
+    files = {name: (directory / name).stat().st_size for name in _files_in(directory) if name != MANIFEST}
     body = {
         "format": FORMAT,
         "version": 1,
@@ -90,6 +97,7 @@ def write_manifest(directory: Path, *, state_dict_type: str, model: dict, has_op
         "has_optimizer": has_optimizer,
         "saved_by": saved_by,
         "extra": extra,
+        **({"hf": hf} if hf is not None else {}),  # absent, as before this field existed, for other models
         "files": files,
         "sha256": checksums(directory, list(files)),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -100,6 +108,21 @@ def write_manifest(directory: Path, *, state_dict_type: str, model: dict, has_op
         f.flush()
         os.fsync(f.fileno())
     tmp.replace(directory / MANIFEST)
+
+
+def _files_in(directory: Path) -> list[str]:
+    """Every file under `directory` as a relative POSIX path, in name order (top-level names stay bare)."""
+    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
+
+
+def sync_tree(directory: Path) -> None:
+    """fsync every file under `directory` and the directories that name them: for files written by code
+    that does not sync (a tokenizer's `save_pretrained`), before the manifest vouches for them."""
+    for name in _files_in(directory):
+        with open(directory / name, "rb") as f:
+            os.fsync(f.fileno())
+    for sub in sorted({(directory / name).parent for name in _files_in(directory)} | {directory}):
+        sync_dir(sub)
 
 
 def publish(tmp: Path, path: Path) -> None:
@@ -254,6 +277,7 @@ def inspect(path: str | os.PathLike) -> Manifest:
             extra=body.get("extra", {}),
             files={str(k): int(v) for k, v in body.get("files", {}).items()},
             sha256={str(k): str(v) for k, v in body.get("sha256", {}).items()},
+            hf=dict(body["hf"]) if body.get("hf") is not None else None,
         )
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"checkpoint {path} has a damaged {MANIFEST} ({type(e).__name__}: {e}); "
