@@ -14,7 +14,9 @@ Local directories only (`local_files_only=True`): nothing is downloaded.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -59,9 +61,25 @@ def _read(path: Path, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+        with _no_progress_bar():
+            return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
     except OSError as e:  # no weights file, an unreadable one: Transformers' words, on one line
         raise OSError(f"load_pretrained: {path}: {' '.join(str(e).split())}") from None
+
+
+@contextlib.contextmanager
+def _no_progress_bar() -> Iterator[None]:
+    """Transformers' "Loading weights" bar off for the call: on a rank it is a line of carriage returns per
+    load in the cell's output, with a speed in it, and a local read needs no progress report."""
+    from transformers.utils import logging
+
+    was_on = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            logging.enable_progress_bar()
 
 
 def _on_meta(path: Path, dtype: torch.dtype) -> nn.Module:
