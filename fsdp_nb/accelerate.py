@@ -10,6 +10,9 @@ reading YAML files and variables into `FSDPConfig` fields, writing a config back
 Accelerate YAML, and the FSDP1 -> FSDP2 rules that `FSDPConfig` and `fsdp-nb
 to-fsdp2` apply.
 
+The mesh sizes (Accelerate's `ParallelismConfig`, a section of the same file) have
+their own table in `fsdp_nb.parallelism`; the readers and the writer here take them too.
+
 This module is a leaf: plain data and pure functions over mappings. It never
 builds an `FSDPConfig` itself (config.py does, from what this module returns), so
 the config can use the table without an import cycle.
@@ -22,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from fsdp_nb import parallelism
 from fsdp_nb.precision import MixedPrecision
 from fsdp_nb.validate import parse_bool
 
@@ -41,8 +45,9 @@ STRATEGY_TO_RESHARD = {
     "HYBRID_SHARD_ZERO2": False,
 }
 _HYBRID_NOTE = (
-    "FSDP2 hybrid sharding comes from a 2-D device mesh (replicate, shard), "
-    "not from this option; on a 1-D mesh it shards over all ranks. "
+    "FSDP2 hybrid sharding comes from a 2-D device mesh (replicate, shard), not from this option: add "
+    "`parallelism_config_dp_replicate_size: R` under `parallelism_config:` (FSDPConfig: dp_replicate_size=R), "
+    "or FSDP2 shards over all ranks. "
 )
 # What the plain True/False mapping above loses, said once per strategy.
 STRATEGY_NOTES = {
@@ -154,8 +159,8 @@ RENAMED_IN_FSDP2 = {o.yaml_key: BY_FIELD["reshard_after_forward"].yaml_key for o
 IGNORED_IN_FSDP2 = {
     o.field: (o.fsdp2_value, o.fsdp2_why) for o in OPTIONS if o.fsdp2 == "removed" and o.fsdp2_value is not _KEPT
 }
-YAML_NAMES = {o.field: o.yaml_key for o in OPTIONS} | {"mixed_precision": MIXED_PRECISION_KEY}
-ENV_NAMES = {o.field: o.env for o in OPTIONS} | {"mixed_precision": MIXED_PRECISION_ENV}
+YAML_NAMES = {o.field: o.yaml_key for o in OPTIONS} | {"mixed_precision": MIXED_PRECISION_KEY} | parallelism.YAML_NAMES
+ENV_NAMES = {o.field: o.env for o in OPTIONS} | {"mixed_precision": MIXED_PRECISION_ENV} | parallelism.ENV_NAMES
 
 
 def fields_from_yaml(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -163,7 +168,7 @@ def fields_from_yaml(config: Mapping[str, Any]) -> dict[str, Any]:
 
     A missing `fsdp_version` means 1, as in Accelerate; a missing key means the
     `FSDPConfig` default. Keys without the `fsdp_` prefix get it, as `accelerate
-    launch` does.
+    launch` does. Mesh sizes come from the `parallelism_config:` section.
     """
     if not isinstance(config, Mapping):
         raise ValueError(f"expected a mapping of Accelerate options at the top level, got {type(config).__name__}")
@@ -198,7 +203,7 @@ def fields_from_yaml(config: Mapping[str, Any]) -> dict[str, Any]:
     if precision is not None:
         # YAML 1.1 reads an unquoted `no` as False.
         kwargs["mixed_precision"] = "no" if precision is False else precision
-    return kwargs
+    return kwargs | parallelism.sizes_from_yaml(config.get(parallelism.SECTION))
 
 
 def fields_from_env(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -208,7 +213,8 @@ def fields_from_env(environ: Mapping[str, str]) -> dict[str, Any]:
     words go through `str_to_bool`, and with FSDP2 the variables that the launcher
     always sets for options FSDP2 removed are not read. With FSDP1, a non-default
     FSDP_SHARDING_STRATEGY wins; otherwise FSDP_RESHARD_AFTER_FORWARD (where
-    `accelerate config` stores the FSDP1 strategy) decides.
+    `accelerate config` stores the FSDP1 strategy) decides. Mesh sizes come from the
+    PARALLELISM_CONFIG_* variables, under ACCELERATE_USE_PARALLELISM_CONFIG=true.
     """
     env = {o.env: environ[o.env] for o in OPTIONS if o.env in environ}
     version_text = env.get("FSDP_VERSION", "1").strip()
@@ -239,7 +245,7 @@ def fields_from_env(environ: Mapping[str, str]) -> dict[str, Any]:
             raise ValueError(f"{name}={environ[name]!r} is not supported by fsdp_nb ({yaml_key}); accepted: false")
     if MIXED_PRECISION_ENV in environ:
         kwargs["mixed_precision"] = environ[MIXED_PRECISION_ENV]
-    return kwargs
+    return kwargs | parallelism.sizes_from_env(environ)
 
 
 def accelerate_dict(config) -> dict[str, Any]:
@@ -247,6 +253,7 @@ def accelerate_dict(config) -> dict[str, Any]:
 
     FSDP1 configs store the strategy name under `fsdp_reshard_after_forward`, as
     `accelerate config` writes them; FSDP2 configs leave out the keys FSDP2 removed.
+    Mesh sizes other than the defaults go to a `parallelism_config:` section.
     """
     if callable(config.auto_wrap_policy):
         raise ValueError(
@@ -266,7 +273,9 @@ def accelerate_dict(config) -> dict[str, Any]:
         if config.forward_prefetch:  # fsdp_nb's FSDP2 extension; Accelerate's FSDP2 plugin does not read it
             drop.discard("forward_prefetch")
     block = {BY_FIELD[f].yaml_key: v for f, v in values.items() if f not in drop and v is not None}
-    return {"distributed_type": "FSDP", MIXED_PRECISION_KEY: _precision_name(config), "fsdp_config": block}
+    out = {"distributed_type": "FSDP", MIXED_PRECISION_KEY: _precision_name(config), "fsdp_config": block}
+    sizes = parallelism.sizes_to_yaml(config)
+    return out | {parallelism.SECTION: sizes} if sizes else out
 
 
 def _precision_name(config) -> str:

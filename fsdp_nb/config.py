@@ -19,6 +19,10 @@ the field's canonical value or raises ValueError naming field, value and accepte
 values. Only then come the rules that tie fields together (the resharding pair,
 the FSDP2 migration), each a method of its own.
 
+The mesh sizes (`dp_replicate_size`, `dp_shard_size`, `tp_size`) are checked here as far as
+they can be without a world; `validate_for_world` and `shard()` resolve them against one
+(fsdp_nb.parallelism, [Note: mesh sizes]).
+
 This module is pure: no process state. Accelerate's names live in accelerate.py,
 dtype handling in precision.py, the shared field checks in validate.py.
 """
@@ -41,10 +45,11 @@ from fsdp_nb.accelerate import (
     fields_from_yaml,
 )
 from fsdp_nb.config_checks import FIELD_CHECKS, fsdp1_strategy, fsdp2_reshard
+from fsdp_nb.parallelism import KEY_TO_FIELD as MESH_KEY_TO_FIELD
+from fsdp_nb.parallelism import plan_mesh
 from fsdp_nb.precision import MixedPrecision
 from fsdp_nb.validate import (
     invalid,
-    is_int,
     warn_user,
 )
 
@@ -64,7 +69,17 @@ class FSDPConfig:
     sharding_strategy: str | int | None = None
     """FSDP1's strategy: FULL_SHARD, SHARD_GRAD_OP, NO_SHARD, HYBRID_SHARD, HYBRID_SHARD_ZERO2
     (or torch's values 1-5). None means FULL_SHARD. With FSDP2 it is converted to
-    `reshard_after_forward` with a FutureWarning."""
+    `reshard_after_forward` with a FutureWarning. The hybrid strategies shard within a row of a
+    2-D (replicate, shard) mesh and replicate down its columns (see `dp_replicate_size`)."""
+    dp_replicate_size: int = 1
+    """R, copies of each shard (Accelerate's `parallelism_config_dp_replicate_size`). FSDP2: R > 1 is
+    HSDP on an (R, S) mesh with dim names ("dp_replicate", "dp_shard"). FSDP1: needs a hybrid
+    `sharding_strategy`, which without it takes R from the nodes (world / LOCAL_WORLD_SIZE), as FSDP1 does."""
+    dp_shard_size: int | None = None
+    """S, ranks that split each parameter between them. None: world / (R·T), resolved in `shard()`."""
+    tp_size: int = 1
+    """T, ranks of one tensor-parallel group; FSDP2 only. R·S·T is the world size. Accepted and
+    checked, but `shard()` does not apply tensor-parallel plans yet and refuses tp_size > 1."""
     backward_prefetch: str | None = "BACKWARD_PRE"
     """FSDP1 only: BACKWARD_PRE, BACKWARD_POST, or NO_PREFETCH / None. FSDP2 always behaves
     like BACKWARD_PRE, the setting that overlaps the next all-gather with gradient compute."""
@@ -102,6 +117,7 @@ class FSDPConfig:
             object.__setattr__(self, name, check(getattr(self, name)))
         self._resolve_resharding()
         self._apply_version_rules()
+        self._check_mesh_sizes()
         names = self.transformer_cls_names_to_wrap
         if names and self.auto_wrap_policy != "TRANSFORMER_BASED_WRAP":
             warn_user(
@@ -118,7 +134,8 @@ class FSDPConfig:
             object.__setattr__(self, "sharding_strategy", fsdp1_strategy(strategy, reshard))
             object.__setattr__(self, "reshard_after_forward", None)
         else:
-            object.__setattr__(self, "reshard_after_forward", fsdp2_reshard(strategy, reshard))
+            reshard = fsdp2_reshard(strategy, reshard, replicate=self.dp_replicate_size)
+            object.__setattr__(self, "reshard_after_forward", reshard)
             object.__setattr__(self, "sharding_strategy", None)
 
     def _apply_version_rules(self) -> None:
@@ -137,21 +154,27 @@ class FSDPConfig:
                 warn_user(f"{name}={getattr(self, name)!r} is ignored with fsdp_version=2: {why}", UserWarning)
                 object.__setattr__(self, name, fsdp2_value)
 
-    def validate_for_world(self, world_size: int) -> None:
-        """Checks that need the world size; raises ValueError naming the field."""
-        if not is_int(world_size) or world_size < 1:
-            raise invalid("world_size", world_size, "an int >= 1")
-        n = self.reshard_after_forward
-        if is_int(n):
-            divisors = [d for d in range(2, world_size) if world_size % d == 0]
-            if n not in divisors:
-                problem = "does not divide" if world_size % n else "is not smaller than"
-                use = (
-                    f"True, False or a divisor of {world_size} in {divisors}"
-                    if divisors
-                    else f"True or False ({world_size} has no divisor strictly between 1 and {world_size})"
-                )
-                raise ValueError(f"reshard_after_forward={n} {problem} world size {world_size}; use {use}")
+    def _check_mesh_sizes(self) -> None:
+        """What the sizes cannot be with this version, before any world is known [Note: mesh sizes]."""
+        if self.fsdp_version == 1 and self.tp_size > 1:
+            raise ValueError(
+                f"tp_size={self.tp_size} is not valid with fsdp_version=1 (FSDP1 does not compose with tensor "
+                "parallelism); accepted: tp_size=1, or fsdp_version=2"
+            )
+        if self.fsdp_version == 1 and self.dp_replicate_size > 1 and not self.sharding_strategy.startswith("HYBRID"):
+            raise ValueError(
+                f"dp_replicate_size={self.dp_replicate_size} with fsdp_version=1 needs sharding_strategy="
+                f"'HYBRID_SHARD' or 'HYBRID_SHARD_ZERO2' (FSDP1 replicates only in its hybrid strategies), "
+                f"not {self.sharding_strategy!r}; set one of them, or use fsdp_version=2"
+            )
+
+    def validate_for_world(self, world_size: int, local_world_size: int | None = None) -> None:
+        """Checks that need the world size (and the ranks per node, default all); raises one ValueError line.
+
+        The mesh sizes must multiply to the world size, and an int `reshard_after_forward`
+        must divide the shard group (`fsdp_nb.parallelism.plan_mesh`, which `shard()` runs too).
+        """
+        plan_mesh(self, world_size, local_world_size=local_world_size)
 
     # ---- other ways in, and out ----------------------------------------------------------
     @classmethod
@@ -233,8 +256,9 @@ FSDPConfig.__init__ = _friendly_init(FSDPConfig.__init__)
 
 
 def _did_you_mean(key: str, names: list[str]) -> str:
-    if key in YAML_KEY_TO_FIELD:  # an Accelerate YAML key: name its field exactly
-        return f" (that is Accelerate's YAML key; the field is {YAML_KEY_TO_FIELD[key]!r})"
+    known = YAML_KEY_TO_FIELD | MESH_KEY_TO_FIELD
+    if key in known:  # an Accelerate YAML key: name its field exactly
+        return f" (that is Accelerate's YAML key; the field is {known[key]!r})"
     candidates = [key, key.removeprefix("fsdp_")]
     close = [m for c in candidates for m in difflib.get_close_matches(c, names, n=3, cutoff=0.6)]
     close = list(dict.fromkeys(close))

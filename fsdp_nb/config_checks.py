@@ -121,6 +121,21 @@ def _state_dict_type(value: Any) -> str:
     return choice("state_dict_type", value, STATE_DICT_TYPES, {1: "FULL_STATE_DICT", 3: "SHARDED_STATE_DICT"})
 
 
+def _size(field: str, *, optional: bool = False) -> Callable[[Any], int | None]:
+    """A mesh size: an int >= 1 (None too for `dp_shard_size`: resolved against the world in `shard()`)."""
+
+    def check(value: Any) -> int | None:
+        if value is None and optional:
+            return None
+        if not is_int(value) or value < 1:
+            raise invalid(
+                field, value, "an int >= 1" + (", or None (world / (dp_replicate_size × tp_size))" if optional else "")
+            )
+        return value
+
+    return check
+
+
 def _ignored_modules(value: Any) -> tuple[str, ...] | None:
     modules = name_list("ignored_modules", value, comma_separated=False)
     for pattern in modules or ():
@@ -136,6 +151,9 @@ FIELD_CHECKS: tuple[tuple[str, Callable[[Any], Any]], ...] = (
     ("fsdp_version", _version),
     ("sharding_strategy", _strategy),
     ("reshard_after_forward", _reshard),
+    ("dp_replicate_size", _size("dp_replicate_size")),
+    ("dp_shard_size", _size("dp_shard_size", optional=True)),
+    ("tp_size", _size("tp_size")),
     ("backward_prefetch", _prefetch),
     *((name, _bool(name)) for name in BOOL_FIELDS),
     ("auto_wrap_policy", _policy),
@@ -166,7 +184,9 @@ def fsdp1_strategy(strategy: str | None, reshard: bool | int | str | None) -> st
     return strategy or from_reshard or "FULL_SHARD"
 
 
-def fsdp2_reshard(strategy: str | None, reshard: bool | int | str | None) -> bool | int:
+def fsdp2_reshard(strategy: str | None, reshard: bool | int | str | None, *, replicate: int = 1) -> bool | int:
+    """FSDP2's `reshard_after_forward`; a strategy name is converted with a FutureWarning. The note on
+    hybrid strategies (a 2-D mesh, `dp_replicate_size`) is left out when `replicate` > 1 already says it."""
     if isinstance(reshard, str):  # Accelerate's FSDP1 YAML keeps the strategy name in this key
         if strategy is not None and strategy != reshard:
             raise ValueError(
@@ -183,9 +203,10 @@ def fsdp2_reshard(strategy: str | None, reshard: bool | int | str | None) -> boo
             f"reshard_after_forward={reshard!r} was given; with fsdp_version=2 set only "
             "reshard_after_forward"
         )
+    note = "" if replicate > 1 and strategy.startswith("HYBRID") else STRATEGY_NOTES.get(strategy, "")
     warn_user(
         f"sharding_strategy={strategy!r} is FSDP1's option; with fsdp_version=2 it becomes "
-        f"reshard_after_forward={converted}. {STRATEGY_NOTES.get(strategy, '')}"
+        f"reshard_after_forward={converted}. {note}"
         "Set reshard_after_forward instead.",
         FutureWarning,
     )

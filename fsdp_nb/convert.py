@@ -10,7 +10,8 @@ It keeps `accelerate to-fsdp2`'s mapping, and fixes what that command loses:
 - numeric strategies (`fsdp_sharding_strategy: 2`, torch's enum values 1-5)
   become the bool FSDP2 reads, instead of being copied into a boolean field;
 - hybrid strategies (HYBRID_SHARD, HYBRID_SHARD_ZERO2, 4, 5) are converted with a
-  note that FSDP2 expresses hybrid sharding through a 2-D mesh;
+  note that FSDP2 expresses hybrid sharding through a 2-D mesh, naming the key to
+  add (`parallelism_config_dp_replicate_size` under `parallelism_config:`);
 - the legacy `fsdp_backward_prefetch_policy` key is dropped like
   `fsdp_backward_prefetch`, instead of being carried into the FSDP2 config;
 - a file it cannot convert faithfully (wrong types, an unknown fsdp_version, YAML

@@ -47,26 +47,39 @@ def clip_sharded_grads(grads: list, max_norm: float) -> float:
     """Global 2-norm of FSDP2's sharded gradients, clipped to `max_norm`; the same as
     `clip_grad_norm_` over the DTensors, without their per-parameter dispatch.
 
-    Every FSDP2 gradient is a DTensor sharded on dim 0, so the squares of the local
-    shards summed over ranks are the squares of the whole gradient: one foreach
+    Every FSDP2 gradient is a DTensor sharded on dim 0: `(Shard(0),)` on a 1-D mesh,
+    `(Replicate(), Shard(0))` on HSDP's 2-D one, where each row of the mesh holds the
+    whole gradient once. So the squares of the local shards summed over one shard
+    group (the last mesh dim) are the squares of the whole gradient: one foreach
     kernel, one all-reduce. Through DTensor, the same norm took 28 dispatches and
     several collectives per step (about 4 ms of the 2-rank benchmark's step).
     """
-    from torch.distributed.tensor import DTensor, Shard
-
-    if not all(isinstance(g, DTensor) and g.device_mesh.ndim == 1 and g.placements == (Shard(0),) for g in grads):
-        # a 2-D (hybrid) mesh, or parameters FSDP left whole: the shortcut would count some shards twice
+    if not grads:
+        return 0.0
+    mesh = _shard_mesh(grads)
+    if mesh is None:  # parameters FSDP left whole, or meshes of several shapes: DTensor does it right
         params = [_GradHolder(g) for g in grads]
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
     local = [g.to_local() for g in grads]
     squares = torch.nn.utils.get_total_norm(local, 2.0, foreach=True).pow(2)  # this rank's share of |g|^2
     if dist.is_initialized():
-        dist.all_reduce(squares)
+        # the shard group: summing down the replicate dim too would count every element R times
+        dist.all_reduce(squares, group=mesh.get_group(mesh.ndim - 1))
     norm = squares.sqrt()
     if max_norm != float("inf"):  # g *= min(max_norm / (norm + 1e-6), 1), one foreach kernel
         torch.nn.utils.clip_grads_with_norm_([_GradHolder(t) for t in local], max_norm, norm, foreach=True)
     return float(norm)
+
+
+def _shard_mesh(grads: list):
+    """The one mesh all `grads` are FSDP-sharded on, or None when the shortcut does not apply."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    mesh = getattr(grads[0], "device_mesh", None)
+    placements = {1: (Shard(0),), 2: (Replicate(), Shard(0))}.get(getattr(mesh, "ndim", 0))
+    same = all(isinstance(g, DTensor) and g.device_mesh is mesh and g.placements == placements for g in grads)
+    return mesh if placements and same else None
 
 
 class _GradHolder:

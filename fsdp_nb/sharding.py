@@ -6,8 +6,9 @@ The recipe, and why the order matters:
    before any communication.
 2. `apply_activation_checkpointing` wraps those same units, so a unit's
    activations are recomputed inside the unit whose parameters are gathered.
-3. `_apply_fsdp1` / `_apply_fsdp2` shard the units bottom-up, then the root.
-   The root keeps whatever no unit claimed: embeddings, final norm, head.
+3. `_apply_fsdp1` / `_apply_fsdp2` shard the units bottom-up, then the root,
+   over the mesh of `fsdp_nb.mesh` (1-D, or 2-D (replicate, shard) for hybrid
+   sharding). The root keeps whatever no unit claimed: embeddings, final norm, head.
 
 CPU notes, handled here so notebooks on a laptop just work:
 - FSDP1 needs `device_id=torch.device("cpu")` on gloo.
@@ -41,11 +42,13 @@ from fsdp_nb.loading import (
     tie_keeping_init,
 )
 from fsdp_nb.loading import build_on_rank0 as build_on_rank0  # its public path since the first release
+from fsdp_nb.mesh import build_mesh, fsdp1_group_args, plan_for
 from fsdp_nb.optim_guard import remember_replaced
 from fsdp_nb.phases import fail_together
 
 if TYPE_CHECKING:
     from fsdp_nb.config import FSDPConfig
+    from fsdp_nb.parallelism import MeshPlan
 
 WRAP_POLICIES = ("TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP", "NO_WRAP")
 _CONFIGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # sharded model -> the FSDPConfig used
@@ -70,6 +73,8 @@ def shard(model: nn.Module, config: FSDPConfig, *, mesh: Any = None) -> nn.Modul
     Returns the sharded model: an FSDP1 `FullyShardedDataParallel` wrapper, or
     for FSDP2 the same module object, now an `FSDPModule` with DTensor
     parameters. Build the optimizer from the returned model's parameters.
+    `mesh` (a DeviceMesh, 1-D or 2-D (replicate, shard)) wins over the config's
+    mesh sizes left at their defaults; one that contradicts a size set is an error.
     """
     if not dist.is_initialized():
         raise RuntimeError(
@@ -80,12 +85,15 @@ def shard(model: nn.Module, config: FSDPConfig, *, mesh: Any = None) -> nn.Modul
     # class name, a meta tensor, a torch refusal): the ranks agree on the outcome before any
     # of them broadcasts [Note: fail together].
     with fail_together("shard()"):
-        config.validate_for_world(dist.get_world_size())
+        plan = plan_for(config, mesh)  # the sizes against the world, or the given mesh [Note: mesh sizes]
         before = list(model.parameters())  # a tied parameter is listed once
         units = wrap_units(model, config)  # 1. which submodules get their own unit
         units = apply_activation_checkpointing(model, units, config)  # 2. recompute per unit
+    if plan.note:  # FSDP1's hybrid strategy on one machine: it runs as FULL_SHARD
+        warnings.warn(plan.note, UserWarning, stacklevel=2)
+    mesh = build_mesh(plan, compute_device().type, mesh)  # a collective for a 2-D mesh: every rank is here
     if config.fsdp_version == 1:  # 3. shard units, then the root
-        sharded = _apply_fsdp1(model, units, config)
+        sharded = _apply_fsdp1(model, units, config, plan, mesh)
     else:
         sharded = _apply_fsdp2(model, units, config, mesh)
     remember_replaced(before, sharded)
@@ -238,7 +246,7 @@ def compute_device() -> torch.device:
     return torch.device("cpu")
 
 
-def _apply_fsdp1(model: nn.Module, units: list[nn.Module], config: FSDPConfig) -> nn.Module:
+def _apply_fsdp1(model: nn.Module, units: list[nn.Module], config: FSDPConfig, plan: MeshPlan, mesh) -> nn.Module:
     from torch.distributed.fsdp import BackwardPrefetch, CPUOffload, MixedPrecision, ShardingStrategy
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp.wrap import CustomPolicy
@@ -260,7 +268,7 @@ def _apply_fsdp1(model: nn.Module, units: list[nn.Module], config: FSDPConfig) -
     dtypes = _dtypes(config)
     mp = MixedPrecision(param_dtype=dtypes[0], reduce_dtype=dtypes[1], buffer_dtype=dtypes[0]) if dtypes else None
     unit_ids = {id(u) for u in units}
-    strategy, prefetch = config.sharding_strategy, config.backward_prefetch
+    strategy, prefetch = plan.strategy, config.backward_prefetch  # the plan's: HYBRID_SHARD with R = 1 is FULL_SHARD
     # On CPU wrapping is local (sync is ours, done above). On CUDA, FSDP1's own sync broadcasts
     # inside the constructor, so a rank that fails before it leaves the others in that broadcast.
     with fail_together("shard()"):
@@ -282,6 +290,7 @@ def _apply_fsdp1(model: nn.Module, units: list[nn.Module], config: FSDPConfig) -
             ignored_modules=_ignored_modules(model, config),
             # ranks != 0 under cpu_ram_efficient_loading: one unit at a time gets (empty) storage
             param_init_fn=tie_keeping_init(device) if has_meta(model) else None,
+            **fsdp1_group_args(plan, mesh),  # hybrid: rows of the (R, S) mesh shard, its columns replicate
         )
     if loading:
         fill_fsdp1_from_rank0(wrapped, full_state)
@@ -305,11 +314,11 @@ def _fsdp1_wrap(FSDP, model: nn.Module, *, use_orig_params: bool, **kwargs) -> n
 
 
 def _apply_fsdp2(model: nn.Module, units: list[nn.Module], config: FSDPConfig, mesh: Any) -> nn.Module:
-    from torch.distributed.device_mesh import init_device_mesh
+    """`fully_shard` bottom-up over `mesh`: 1-D shards each parameter's rows over all its ranks; 2-D
+    (replicate, shard) is HSDP, each parameter `(Replicate(), Shard(0))`, rows split along a mesh row."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     device = compute_device()
-    mesh = mesh or init_device_mesh(device.type, (dist.get_world_size(),))
     dtypes = _dtypes(config)
     with fail_together("shard()"):
         ignored = {p for m in _ignored_modules(model, config) for p in m.parameters()}

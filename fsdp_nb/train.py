@@ -5,12 +5,14 @@ group), in a plain script, and under torchrun (RANK / WORLD_SIZE / LOCAL_RANK
 in the environment: the Trainer makes the process group itself).
 
 One optimizer step, and why each part is there:
-1. every rank takes its rows of the step's global batch (`fsdp_nb.data`);
+1. every rank takes its rows of the step's global batch (`fsdp_nb.data`): on a
+   2-D (replicate, shard) mesh too, where all R·S ranks are data parallel;
 2. the rows are cut into `grad_accum_steps` micro-batches; gradients are only
    reduced across ranks on the last one (FSDP1 `no_sync()`, FSDP2
    `set_requires_gradient_sync(False)`), since reducing earlier is wasted traffic;
 3. the gradient norm is clipped over the *whole* model: FSDP1's
-   `clip_grad_norm_` and FSDP2's DTensor grads both all-reduce the shard norms;
+   `clip_grad_norm_` and FSDP2's DTensor grads both all-reduce the shard norms
+   (within one shard group on a 2-D mesh: each of its rows holds the whole model);
 4. AdamW steps on the local shards only (it was built after sharding).
 Each micro-batch loss is a mean over its rows, divided by the number of
 micro-batches, and FSDP averages over ranks: the gradient is the full-batch

@@ -155,6 +155,7 @@ def main(rank: int, world_size: int, conn, opts: dict) -> None:
         MPLBACKEND="module://fsdp_nb.rank.mpl_backend",
         RANK=str(rank),
         LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),  # one machine: FSDP1's hybrid strategies count nodes by it
         WORLD_SIZE=str(world_size),
         MASTER_ADDR=opts["host"],
         MASTER_PORT=str(opts["port"]),
