@@ -68,7 +68,7 @@ class ByteBlocks(Dataset):
         if isinstance(data, (bytes, bytearray)):
             empty = torch.zeros(0, dtype=torch.uint8)  # frombuffer refuses an empty buffer
             data = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else empty
-        self.tokens = data.flatten()  # (N,) uint8 bytes
+        self.tokens = data.flatten()  # (N,): bytes (uint8), or token ids (int64) from a tokenizer
         self.block_size = block_size
         if len(self) == 0:
             raise ValueError(
