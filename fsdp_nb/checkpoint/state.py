@@ -44,7 +44,8 @@ def rank_and_world() -> tuple[int, int]:
 
 
 def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
-    """`{"model": ..., "optim": ...}` of this rank's shards (DTensor for FSDP2, ShardedTensor for FSDP1).
+    """`{"model": ..., "optim": ...}` of this rank's shards: DTensors (FSDP2, and FSDP1's hybrid
+    sharding, which gets a 2-D `device_mesh`) or ShardedTensors (FSDP1 otherwise).
 
     With an optimizer that has not stepped yet, torch creates its (zero) state first,
     so the dict has a slot for every tensor a checkpoint may hold.
