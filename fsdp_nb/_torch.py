@@ -53,6 +53,7 @@ SYMBOLS: tuple[Symbol, ...] = (
     Symbol("FlatParamHandle._fully_sharded_module", "name the module a FlatParameter belongs to", "fsdp1_handle"),
     Symbol("FlatParamHandle._use_orig_params", "read use_orig_params per unit", "fsdp1_handle"),
     Symbol("FlatParamHandle._orig_param_dtype", "the parameters' dtype before mixed precision", "fsdp1_handle"),
+    Symbol("FlatParamHandle._sharding_strategy", "tell hybrid (HSDP) FlatParameters apart", "fsdp1_handle"),
     Symbol("FlatParameter._fqns", "the names of the parameters inside a FlatParameter", "fsdp1_flat"),
     Symbol("FlatParameter._shapes", "their shapes", "fsdp1_flat"),
     Symbol("FlatParameter._params", "their requires_grad with use_orig_params=True", "fsdp1_flat_orig"),
@@ -191,6 +192,8 @@ class FlatInfo:
     local_numel: int  # this rank's shard, padding included; the all-gathered FlatParameter is world_size times it
     world_size: int  # of the shard group; 1 for NO_SHARD, where every rank holds everything
     rank: int
+    replicas: int  # copies of the shard group: R of HYBRID_SHARD's (R, S) mesh, else 1
+    replica_rank: int  # this rank's row of that mesh
     use_orig_params: bool
     dtype: torch.dtype  # the parameters' own dtype (before mixed precision)
 
@@ -203,6 +206,22 @@ def fsdp1_handles(module: nn.Module) -> dict[str, Any]:
 
     names = {id(m): n for n, m in module.named_modules()}
     return {clean_name(names.get(id(h._fully_sharded_module), "")): h for h in _get_fsdp_handles(module)}
+
+
+HYBRID_STRATEGIES = ("HYBRID_SHARD", "_HYBRID_SHARD_ZERO2")  # HandleShardingStrategy names that replicate
+
+
+def _replicas(handle) -> tuple[int, int]:
+    """(R, this rank's row) of a hybrid FlatParameter's (R, S) mesh, which must be row-major over the world."""
+    import torch.distributed as dist
+
+    if handle._sharding_strategy.name not in HYBRID_STRATEGIES:
+        return 1, 0
+    S, rank = handle.world_size, dist.get_rank()
+    row = rank // S
+    if dist.get_process_group_ranks(handle.process_group) != list(range(row * S, row * S + S)):
+        raise NotImplementedError("layout_of: this HSDP shard group is not S consecutive ranks (a row-major mesh)")
+    return dist.get_world_size() // S, row
 
 
 @_door("FlatParameter metadata (_fqns, _shapes, _shard_param_infos, ...)", "read FSDP1's layout")
@@ -218,6 +237,7 @@ def flat_info(handle) -> FlatInfo:
         for i in flat._shard_param_infos
     )
     world, rank = (handle.world_size, handle.rank) if handle.uses_sharded_strategy else (1, 0)
+    replicas, replica = _replicas(handle)
     return FlatInfo(
         module=handle._fully_sharded_module,
         flat=flat,
@@ -230,6 +250,8 @@ def flat_info(handle) -> FlatInfo:
         local_numel=flat._sharded_size.numel(),
         world_size=world,
         rank=rank,
+        replicas=replicas,
+        replica_rank=replica,
         use_orig_params=handle._use_orig_params,
         dtype=handle._orig_param_dtype,
     )
@@ -268,6 +290,8 @@ class ShardedParamInfo:
     shard_dim: int
     shard_rank: int
     shard_world: int
+    replicate_rank: int  # this rank's row of an HSDP (R, S) mesh; 0 on a 1-D mesh
+    replicate_world: int  # R; 1 on a 1-D mesh
     padded_rows: int  # rows of the all-gather input on every rank (the shard, padded)
     padded_numel: int
 
@@ -292,6 +316,8 @@ def fsdp2_params(group) -> list[ShardedParamInfo]:
                 shard_dim=fp.fsdp_placement.dim,
                 shard_rank=fp.mesh_info.shard_mesh_rank,
                 shard_world=fp.mesh_info.shard_mesh_size,
+                replicate_rank=getattr(fp.mesh_info, "replicate_mesh_rank", 0),  # HSDPMeshInfo only
+                replicate_world=getattr(fp.mesh_info, "replicate_mesh_size", 1),
                 padded_rows=fp.padded_sharded_param_size[0],
                 padded_numel=fp.padded_sharded_param_size.numel(),
             )

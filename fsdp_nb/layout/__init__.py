@@ -3,7 +3,8 @@
 The pure core, with no process group and no display:
 - `specs`: the shared types (`ParamSpec`, `Segment`, `RankBytes`, `Problem`), a leaf module;
 - `model`: FSDP1 and FSDP2 layouts computed from parameter shapes alone;
-- `rules`: what torch refuses, and why.
+- `rules`: what torch refuses, and why;
+- `mesh_layout`: the (R, S) mesh a layout lives on, how a dim is cut, torch's placements.
 Beside it, `inspect` reads the same types from a live sharded module on a rank.
 """
 

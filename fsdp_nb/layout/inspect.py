@@ -33,6 +33,7 @@ from fsdp_nb._torch import (
     joined,
     shard_size_and_offset,
 )
+from fsdp_nb.layout.mesh_layout import dp_placements, per_rank
 from fsdp_nb.layout.model import Fsdp1Layout, Fsdp2Layout, shard_flat
 from fsdp_nb.layout.rules import fsdp1_problems, fsdp2_problems
 from fsdp_nb.layout.specs import ParamSpec, RankBytes, Segment
@@ -63,14 +64,16 @@ def _own_shard(info: FlatInfo, names: list[str]) -> tuple[Segment, ...]:
 def _fsdp1_layout(handle, prefix: str) -> Fsdp1Layout:
     info = flat_info(handle)
     # NO_SHARD keeps the whole FlatParameter on every rank: a group of one.
-    world, rank = info.world_size, info.rank
+    # HYBRID_SHARD: S = info.world_size ranks shard, R = info.replicas copies [Note: N-D layouts].
+    S, world = info.world_size, info.world_size * info.replicas
+    rank = info.replica_rank * S + info.rank  # row-major on the (R, S) mesh
     specs = _flat_specs(info, prefix)
     names = iter(s.name for s in specs)
     entries = tuple(
         Segment(None, 0, n) if pad else Segment(next(names), 0, n)
         for n, pad in zip(info.numels_with_padding, info.is_padding)
     )
-    shards = list(shard_flat(entries, world))
+    shards = list(per_rank(shard_flat(entries, S), world))
     shards[rank] = _own_shard(info, [s.name for s in specs])
     return Fsdp1Layout(
         params=specs,
@@ -80,6 +83,7 @@ def _fsdp1_layout(handle, prefix: str) -> Fsdp1Layout:
         shards=tuple(shards),
         problems=fsdp1_problems(specs, info.use_orig_params),
         observed_ranks=(rank,),
+        dp_replicate=info.replicas,
     )
 
 
@@ -89,6 +93,9 @@ def fsdp1_layouts_of(module: nn.Module) -> dict[str, Fsdp1Layout]:
 
 
 # ---------------------------------------------------------------- FSDP2 ----
+DP_1D, DP_2D = dp_placements(1), dp_placements(2)  # ("Shard(dim=0)",), ("Replicate()", "Shard(dim=0)")
+
+
 def _fsdp_params(module: nn.Module) -> list[tuple[str, str, object]]:
     """(parameter name, fully_shard group name, ShardedParamInfo) in `named_parameters` order."""
     names = {id(m): n for n, m in module.named_modules()}
@@ -107,34 +114,36 @@ def _fsdp2_layout(module: nn.Module) -> Fsdp2Layout:
     if not entries:
         raise ValueError("layout_of: fully_shard manages no parameter of this module")
     specs, groups, ranges, padded = [], [], [], []
-    worlds = set()
+    meshes = set()
     for name, group, fp in entries:
         p = fp.sharded  # DTensor, global shape
-        if fp.shard_dim != 0:
+        if fp.shard_dim != 0 or tuple(map(repr, p.placements)) not in (DP_1D, DP_2D):
             raise NotImplementedError(
-                f"layout_of: {name} is sharded on dim {fp.shard_dim}; only dim 0 (the default) is modelled"
+                f"layout_of: {name} has placements {p.placements}; only FSDP / HSDP on dim 0 (the default) is modelled"
             )
-        rank, world = fp.shard_rank, fp.shard_world
-        worlds.add(world)
+        S, R = fp.shard_world, fp.replicate_world  # mesh (S,) or (R, S) [Note: N-D layouts]
+        world, rank = R * S, fp.replicate_rank * S + fp.shard_rank  # row-major place in the mesh
+        meshes.add((world, R))
         rows = p.shape[0]
         local_rows = p.to_local().shape[0]
-        size, start = shard_size_and_offset(rows, world, rank)
+        size, start = shard_size_and_offset(rows, S, fp.shard_rank)
         if size != local_rows:
             raise RuntimeError(f"layout_of: {name} has {local_rows} local rows, torch's chunk rule says {size}")
-        rank_ranges = []
-        for r in range(world):  # other ranks: torch's own chunk arithmetic
-            n, s = shard_size_and_offset(rows, world, r)
-            rank_ranges.append((s, s + n))
+        # other ranks: torch's own chunk arithmetic, rank r·S + s holds shard s
+        cut = [shard_size_and_offset(rows, S, s) for s in range(S)]  # (rows, first row) per shard rank
+        rank_ranges = [(a, a + n) for n, a in per_rank(cut, world)]
         rank_ranges[rank] = (start, start + local_rows)  # ours: read from to_local()
         specs.append(ParamSpec(name=name, shape=tuple(p.shape), dtype=p.dtype, requires_grad=p.requires_grad))
         groups.append(group)
         ranges.append(tuple(rank_ranges))
         padded.append(fp.padded_rows)  # rows of the all-gather input on every rank
-    if len(worlds) != 1:
-        raise NotImplementedError(f"layout_of: parameters are sharded over different group sizes {sorted(worlds)}")
+    if len(meshes) != 1:
+        raise NotImplementedError(f"layout_of: parameters are sharded over different meshes {sorted(meshes)}")
+    world, replicas = meshes.pop()
     return Fsdp2Layout(
         params=tuple(specs),
-        world_size=worlds.pop(),
+        world_size=world,
+        dp_replicate=replicas,
         groups=tuple(groups),
         row_ranges=tuple(ranges),
         padded_rows=tuple(padded),

@@ -29,16 +29,11 @@ from dataclasses import dataclass
 
 import torch
 
+from fsdp_nb.layout.mesh_layout import chunk_range, dp_placements, index_ranges, per_rank, shard_flat, shard_size
 from fsdp_nb.layout.rules import fsdp1_problems, fsdp2_problems
 from fsdp_nb.layout.specs import ParamSpec, Problem, RankBytes, Segment
-from fsdp_nb.validate import is_int
 
 ALIGNMENT_BYTES = 16  # FSDP1 aligns each parameter's start for use_orig_params=True
-
-
-def _check_world_size(world_size) -> None:
-    if not is_int(world_size) or world_size < 1:
-        raise ValueError(f"world_size={world_size!r} must be an int >= 1")
 
 
 def _check_specs(specs: Sequence[ParamSpec]) -> tuple[ParamSpec, ...]:
@@ -52,7 +47,22 @@ def _check_specs(specs: Sequence[ParamSpec]) -> tuple[ParamSpec, ...]:
 
 
 class _Layout:
-    """Shared lookups of the two layout types."""
+    """Shared lookups of the two layout types; ranks are global ranks of the (R, S) mesh [Note: N-D layouts]."""
+
+    def _check_mesh(self, per_rank_entries: int) -> None:
+        shard_size(self.world_size, self.dp_replicate)
+        if per_rank_entries != self.world_size:
+            raise ValueError(f"{type(self).__name__}: {per_rank_entries} rank entries for world_size={self.world_size}")
+
+    @property
+    def shard_size(self) -> int:
+        """S: the ranks of one shard group (`world_size / dp_replicate`)."""
+        return self.world_size // self.dp_replicate
+
+    def placements(self, name: str) -> tuple[str, ...]:
+        """torch's placements of `name` as `repr` strings, e.g. `("Replicate()", "Shard(dim=0)")` for HSDP."""
+        self._index(name)
+        return dp_placements(self.dp_replicate)
 
     def _index(self, name: str) -> int:
         for i, spec in enumerate(self.params):
@@ -89,21 +99,22 @@ class Fsdp1Layout(_Layout):
     params: tuple[ParamSpec, ...]
     """The flattened parameters, in FlatParameter order."""
     world_size: int
+    """All ranks, R·S; the FlatParameter is cut into S chunks and each chunk kept by R ranks."""
     use_orig_params: bool
     flat: tuple[Segment, ...]
-    """The unsharded FlatParameter: whole parameters and alignment / world-size padding."""
+    """The unsharded FlatParameter: whole parameters and alignment / shard-group padding."""
     shards: tuple[tuple[Segment, ...], ...]
-    """`shards[r]`: rank r's chunk in order, shard padding included."""
+    """`shards[r]`: rank r's chunk in order, shard padding included (replicas repeat their peer's)."""
     problems: tuple[Problem, ...] = ()
     observed_ranks: tuple[int, ...] = ()
     """Ranks whose chunk was read from torch (empty: fully modelled)."""
+    dp_replicate: int = 1
+    """R: copies of every chunk (HSDP's `HYBRID_SHARD` over an (R, S) mesh); 1 is plain FSDP."""
 
     version = 1
 
     def __post_init__(self):
-        _check_world_size(self.world_size)
-        if len(self.shards) != self.world_size:
-            raise ValueError(f"Fsdp1Layout: {len(self.shards)} shards for world_size={self.world_size}")
+        self._check_mesh(len(self.shards))
         sizes = {sum(seg.numel for seg in shard) for shard in self.shards}
         if len(sizes) != 1:
             raise ValueError(f"Fsdp1Layout: rank chunks must have equal numel, got {sorted(sizes)}")
@@ -111,6 +122,11 @@ class Fsdp1Layout(_Layout):
     def segments(self, rank: int) -> tuple[Segment, ...]:
         """Rank `rank`'s chunk in order: `(name, start, stop)` of flattened params, `(None, 0, n)` padding."""
         return self.shards[self._rank(rank)]
+
+    def elements(self, name: str, rank: int) -> torch.Tensor:
+        """Flat indices into unsharded `name` that rank `rank` stores, in storage order, padding excluded."""
+        self._index(name)
+        return index_ranges([(seg.start, seg.stop) for seg in self.segments(rank) if seg.name == name])
 
     @property
     def total_numel(self) -> int:
@@ -124,8 +140,8 @@ class Fsdp1Layout(_Layout):
 
     @property
     def padded_numel(self) -> int:
-        """Elements of the padded, unsharded FlatParameter (`chunk_numel * world_size`)."""
-        return self.chunk_numel * self.world_size
+        """Elements of the padded, unsharded FlatParameter (`chunk_numel * shard_size`)."""
+        return self.chunk_numel * self.shard_size
 
     @property
     def padding_numel(self) -> int:
@@ -149,24 +165,26 @@ class Fsdp2Layout(_Layout):
 
     params: tuple[ParamSpec, ...]
     world_size: int
+    """All ranks, R·S; dim 0 is cut over the S ranks of a shard group."""
     groups: tuple[str, ...]
     """Per parameter: the module whose `fully_shard` call owns it ("" = the root)."""
     row_ranges: tuple[tuple[tuple[int, int], ...], ...]
     """`row_ranges[i][r]`: rows `[start, stop)` of parameter i on rank r."""
     padded_rows: tuple[int, ...]
-    """Per parameter: dim-0 size of every rank's padded local storage (`ceil(rows / world)`)."""
+    """Per parameter: dim-0 size of every rank's padded local storage (`ceil(rows / shard_size)`)."""
     problems: tuple[Problem, ...] = ()
     observed_ranks: tuple[int, ...] = ()
+    dp_replicate: int = 1
+    """R: copies of every shard (HSDP over an (R, S) mesh); 1 is plain FSDP on a 1-D mesh."""
 
     version = 2
 
     def __post_init__(self):
-        _check_world_size(self.world_size)
         n = len(self.params)
         if not (len(self.groups) == len(self.row_ranges) == len(self.padded_rows) == n):
             raise ValueError("Fsdp2Layout: groups, row_ranges and padded_rows need one entry per parameter")
-        if any(len(ranges) != self.world_size for ranges in self.row_ranges):
-            raise ValueError(f"Fsdp2Layout: every parameter needs {self.world_size} row ranges")
+        for ranges in self.row_ranges:
+            self._check_mesh(len(ranges))
 
     def rows(self, name: str, rank: int) -> tuple[int, int]:
         """Rows `[start, stop)` of dim 0 of `name` held by `rank` (`start == stop`: empty shard)."""
@@ -177,13 +195,19 @@ class Fsdp2Layout(_Layout):
         start, stop = self.rows(name, rank)
         return (stop - start,) + self.param(name).shape[1:]
 
+    def elements(self, name: str, rank: int) -> torch.Tensor:
+        """Flat indices into unsharded `name` that rank `rank` stores (`to_local().flatten()` order)."""
+        start, stop = self.rows(name, rank)
+        row_numel = math.prod(self.param(name).shape[1:])
+        return index_ranges([(start * row_numel, stop * row_numel)])  # rows [start, stop), row-major
+
     def padded_local_shape(self, name: str) -> tuple[int, ...]:
         """Shape of the storage every rank keeps for `name` (the all-gather input)."""
         return (self.padded_rows[self._index(name)],) + self.param(name).shape[1:]
 
     def padded_dim0(self, name: str) -> int:
         """Dim 0 of `name` after the all-gather, before the padding is cut off."""
-        return self.padded_rows[self._index(name)] * self.world_size
+        return self.padded_rows[self._index(name)] * self.shard_size
 
     def bytes(self, rank: int) -> RankBytes:
         real = pad = 0
@@ -195,50 +219,23 @@ class Fsdp2Layout(_Layout):
         return RankBytes(real=real, padding=pad)
 
 
-def chunk_range(numel: int, world_size: int, rank: int) -> tuple[int, int]:
-    """`[start, stop)` of `torch.chunk(range(numel), world_size)[rank]`; empty past the end."""
-    size = -(-numel // world_size)  # torch.chunk: ceil-sized chunks, fewer if they run out
-    return min(rank * size, numel), min((rank + 1) * size, numel)
-
-
-def shard_flat(flat: Sequence[Segment], world_size: int) -> tuple[tuple[Segment, ...], ...]:
-    """Cut an unsharded FlatParameter into `world_size` equal chunks, as FSDP1's `_get_shard` does."""
-    total = sum(seg.numel for seg in flat)
-    chunk = -(-total // world_size)
-    shards = []
-    for rank in range(world_size):
-        lo, hi = rank * chunk, (rank + 1) * chunk  # rank's elements of the padded flat tensor
-        out, offset = [], 0
-        for seg in flat:
-            a, b = max(lo, offset), min(hi, offset + seg.numel)
-            if a < b:
-                out.append(
-                    Segment(None, 0, b - a)
-                    if seg.name is None
-                    else Segment(seg.name, seg.start + a - offset, seg.start + b - offset)
-                )
-            offset += seg.numel
-        if hi - max(lo, total) > 0:  # past the end: `_get_shard` pads this rank
-            out.append(Segment(None, 0, hi - max(lo, total)))
-        shards.append(tuple(out))
-    return tuple(shards)
-
-
 def fsdp1_layout(
     specs: Sequence[ParamSpec],
     world_size: int,
     use_orig_params: bool = False,
     *,
     param_dtype: torch.dtype | None = None,
+    dp_replicate: int = 1,
 ) -> Fsdp1Layout:
     """Model the FlatParameter FSDP1 builds for `specs` (one FSDP unit) on `world_size` ranks.
 
     `param_dtype` is `MixedPrecision(param_dtype=...)`: it sets the alignment that
-    `use_orig_params=True` pads to. The layout is computed even when torch would
-    reject the configuration; `.problems` and `.raises` say why it would.
+    `use_orig_params=True` pads to. `dp_replicate=R > 1` is `HYBRID_SHARD` over an
+    (R, world_size / R) mesh [Note: N-D layouts]. The layout is computed even when
+    torch would reject the configuration; `.problems` and `.raises` say why it would.
     """
     specs = _check_specs(specs)
-    _check_world_size(world_size)
+    S = shard_size(world_size, dp_replicate)
     unsharded_dtype = param_dtype or specs[0].dtype
     aligned_numel = ALIGNMENT_BYTES // unsharded_dtype.itemsize if use_orig_params else 0
     flat, total = [], 0
@@ -249,15 +246,16 @@ def fsdp1_layout(
             total += pad
         flat.append(Segment(spec.name, 0, spec.numel))
         total += spec.numel
-    if aligned_numel and total % world_size:  # divisible by world size: no copy before reduce-scatter
-        flat.append(Segment(None, 0, (-total) % world_size))
+    if aligned_numel and total % S:  # divisible by the shard group: no copy before reduce-scatter
+        flat.append(Segment(None, 0, (-total) % S))
     return Fsdp1Layout(
         params=specs,
         world_size=world_size,
         use_orig_params=use_orig_params,
         flat=tuple(flat),
-        shards=shard_flat(flat, world_size),
+        shards=per_rank(shard_flat(flat, S), world_size),
         problems=fsdp1_problems(specs, use_orig_params),
+        dp_replicate=dp_replicate,
     )
 
 
@@ -266,15 +264,25 @@ def _group_of(name: str, groups: Sequence[str]) -> str:
     return max(owners, key=len) if owners else ""
 
 
-def fsdp2_layout(specs: Sequence[ParamSpec], world_size: int, *, groups: Sequence[str] = ("",)) -> Fsdp2Layout:
+def fsdp2_layout(
+    specs: Sequence[ParamSpec],
+    world_size: int,
+    *,
+    groups: Sequence[str] = ("",),
+    dp_replicate: int = 1,
+    tp: int = 1,
+    tp_plan=None,
+) -> Fsdp2Layout:
     """Model FSDP2's dim-0 sharding of `specs` on `world_size` ranks.
 
     `groups` lists the modules `fully_shard` is called on ("" = the root); each
     parameter belongs to the innermost one. Sharding does not depend on groups;
     dtype checks do (e.g. `groups=("l2", "")` keeps a bf16 `l2` apart).
+    `dp_replicate=R > 1` is HSDP on an (R, world_size / R) mesh [Note: N-D layouts];
+    `tp > 1` (tensor parallelism, `tp_plan`) raises NotImplementedError for now.
     """
     specs = _check_specs(specs)
-    _check_world_size(world_size)
+    S = shard_size(world_size, dp_replicate, tp, tp_plan)
     groups = tuple(groups)
     for g in groups:
         if g and not any(s.name.startswith(g + ".") for s in specs):
@@ -285,7 +293,8 @@ def fsdp2_layout(specs: Sequence[ParamSpec], world_size: int, *, groups: Sequenc
         params=specs,
         world_size=world_size,
         groups=owner,
-        row_ranges=tuple(tuple(chunk_range(n, world_size, r) for r in range(world_size)) for n in rows),
-        padded_rows=tuple(-(-n // world_size) for n in rows),
+        row_ranges=tuple(per_rank([chunk_range(n, S, s) for s in range(S)], world_size) for n in rows),
+        padded_rows=tuple(-(-n // S) for n in rows),
         problems=fsdp2_problems(specs, owner),
+        dp_replicate=dp_replicate,
     )

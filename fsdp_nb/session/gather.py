@@ -62,8 +62,10 @@ def comparison(session, name: str, *, use_orig_params: bool = False) -> tuple[Fs
     """(FSDP1, FSDP2) layouts for the module `name`: its own version read from the ranks, the other modelled."""
     real = layout(session, name)
     if isinstance(real, Fsdp1Layout):
-        return real, fsdp2_layout(real.params, real.world_size)
-    return fsdp1_layout(real.params, real.world_size, use_orig_params=use_orig_params), real
+        return real, fsdp2_layout(real.params, real.world_size, dp_replicate=real.dp_replicate)
+    return fsdp1_layout(
+        real.params, real.world_size, use_orig_params=use_orig_params, dp_replicate=real.dp_replicate
+    ), real
 
 
 def trace(session, name: str, *, steps: int = 1, model: str | None = None, label: str | None = None):
