@@ -14,6 +14,11 @@ and costs about 1%:
   CPU, so a call's duration is the rank's time in it);
 - which unit a collective belongs to: FSDP2's `FSDPParamGroup.unshard` /
   `post_backward`, FSDP1's `FlatParamHandle.unshard` / `_reduce_grad`;
+- hybrid sharding's all-reduce across replicas: an `all_reduce` inside a unit's post-backward
+  is HSDP's (FSDP2's `foreach_reduce` on the replicate group, FSDP1's `_reduce_grad` on the
+  inter-node group, each right after the unit's reduce-scatter, both through plain
+  `dist.all_reduce`, not functional collectives); it is recorded as "replica_all_reduce",
+  apart from the step's own all-reduces (the averaged loss, the gradient norm);
 - waits: FSDP2's `wait_for_unshard`, where a unit waits for its gather and copies
   it out into the parameters (on CPU gloo the gather is already done: the copy);
 - the optimizer: global optimizer step pre/post hooks;
@@ -192,9 +197,14 @@ class Recorder:
             finally:
                 self._calls.inside = False
                 unit, phase = getattr(self._current_unit, "name", ""), self._phase()
-                self._add(kind, unit, start, _now(), phase, sent)
+                self._add(self._relabel(kind), unit, start, _now(), phase, sent)
 
         return traced
+
+    def _relabel(self, kind: str) -> str:
+        """HSDP's all-reduce across replicas is the only all-reduce FSDP runs inside a unit's post-backward."""
+        inside_post_backward = getattr(self._current_unit, "entry", "") == "post_backward"
+        return "replica_all_reduce" if kind == "all_reduce" and inside_post_backward else kind
 
     def _naming(self, method, kind: str):
         """Wrap an FSDP entry point so collectives inside it carry its unit's name;
@@ -205,13 +215,13 @@ class Recorder:
             name = recorder._unit_of(obj)
             if kind == "post_backward" and ("backward", name) in recorder._open:
                 recorder._add("backward", name, recorder._open.pop(("backward", name)), _now())
-            previous = getattr(recorder._current_unit, "name", "")
-            recorder._current_unit.name = name
+            previous = getattr(recorder._current_unit, "name", ""), getattr(recorder._current_unit, "entry", "")
+            recorder._current_unit.name, recorder._current_unit.entry = name, kind
             start = _now()
             try:
                 return method(obj, *args, **kwargs)
             finally:
-                recorder._current_unit.name = previous
+                recorder._current_unit.name, recorder._current_unit.entry = previous
                 if kind == "wait":  # FSDP2 waiting for a gather and copying it out into the parameters
                     recorder._add("wait", name, start, _now(), recorder._phase())
                 else:

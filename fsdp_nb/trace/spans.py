@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 
 # The kinds of span, in the order the timeline draws their bands.
 COMPUTE = ("forward", "backward")
-COMMUNICATION = ("all_gather", "reduce_scatter", "all_reduce", "wait")
+# "replica_all_reduce": hybrid sharding's all-reduce of a unit's reduce-scattered gradient across
+# replicas; "all_reduce": any other (the step's averaged loss, the gradient norm).
+COMMUNICATION = ("all_gather", "reduce_scatter", "replica_all_reduce", "all_reduce", "wait")
 KINDS = (*COMPUTE, *COMMUNICATION, "optimizer")
 LAUNCH_NOTE = "CUDA: spans are host launch times, not GPU time; torch.profiler shows the device side"
 
@@ -100,10 +102,11 @@ class Trace:
         for r in self.ranks:
             n = max(1, len(r.steps))
             ag_f, ag_b = r.count("all_gather", "forward") // n, r.count("all_gather", "backward") // n
-            rs = r.count("reduce_scatter") // n
+            rs, ar = r.count("reduce_scatter") // n, r.count("replica_all_reduce") // n
             step_ms = 1e3 * sum(end - start for start, end in r.steps) / n
+            replicas = f", {ar} all-reduces across replicas" if ar else ""  # hybrid sharding only
             lines.append(
                 f"  rank {r.rank}: {step_ms:.1f} ms per step; all-gathers {ag_f} forward + {ag_b} backward, "
-                f"{rs} reduce-scatters"
+                f"{rs} reduce-scatters{replicas}"
             )
         return "\n".join(lines)

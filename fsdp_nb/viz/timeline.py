@@ -22,6 +22,7 @@ COLORS = {
     "optimizer": "#8C8C8C",
     "all_gather": "#55A868",
     "reduce_scatter": "#C44E52",
+    "replica_all_reduce": "#DA8BC3",
     "all_reduce": "#8172B3",
     "wait": "#CCB974",
 }
@@ -31,6 +32,7 @@ LABELS = {
     "optimizer": "optimizer step",
     "all_gather": "all-gather",
     "reduce_scatter": "reduce-scatter",
+    "replica_all_reduce": "all-reduce across replicas",
     "all_reduce": "all-reduce",
     "wait": "wait",
 }
