@@ -197,14 +197,7 @@ class FSDPMagics(Magics):
         print("the other version, modelled for the same parameters:")
         print(viz.format_layout(fsdp2 if fsdp1.observed_ranks else fsdp1))
         if args.figure:
-            fig = viz.plot_comparison(fsdp1, fsdp2)
-            which = (
-                "FSDP1 (read from the ranks) | FSDP2 (modelled)"
-                if fsdp1.observed_ranks
-                else "FSDP1 (modelled) | FSDP2 (read from the ranks)"
-            )
-            fig.suptitle(f"{args.name} on {fsdp1.world_size} ranks: {which}", fontsize=10)
-            show_figure(fig)
+            show_figure(viz.plot_layout(fsdp1, fsdp2, args.name))  # an HSDP mesh: its R x S grid of ranks
         if args.optimizer is not None:
             reports = self._guard(lambda: gather.memory(s, args.name, args.optimizer or None))
             print(viz.format_memory(reports))

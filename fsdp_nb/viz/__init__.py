@@ -18,6 +18,7 @@ _LAZY = {
     **dict.fromkeys(
         ["draw_fsdp1", "draw_fsdp2", "plot_comparison", "plot_fsdp1", "plot_fsdp2"], "fsdp_nb.viz.layout_figs"
     ),
+    **dict.fromkeys(["plot_layout", "plot_mesh_layout"], "fsdp_nb.viz.mesh_figs"),
     "plot_memory": "fsdp_nb.viz.memory_figs",
     **dict.fromkeys(
         ["format_fsdp1", "format_fsdp2", "format_layout", "format_memory", "format_problems", "format_shapes"],
@@ -39,7 +40,9 @@ __all__ = [
     "plot_comparison",
     "plot_fsdp1",
     "plot_fsdp2",
+    "plot_layout",
     "plot_memory",
+    "plot_mesh_layout",
     "plot_timeline",
 ]
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
@@ -48,6 +51,7 @@ if TYPE_CHECKING:
     from fsdp_nb.viz.explorer import explore
     from fsdp_nb.viz.layout_figs import draw_fsdp1, draw_fsdp2, plot_comparison, plot_fsdp1, plot_fsdp2
     from fsdp_nb.viz.memory_figs import plot_memory
+    from fsdp_nb.viz.mesh_figs import plot_layout, plot_mesh_layout
     from fsdp_nb.viz.tables import (
         format_fsdp1,
         format_fsdp2,
