@@ -78,8 +78,8 @@ class FSDPConfig:
     dp_shard_size: int | None = None
     """S, ranks that split each parameter between them. None: world / (R·T), resolved in `shard()`."""
     tp_size: int = 1
-    """T, ranks of one tensor-parallel group; FSDP2 only. R·S·T is the world size. Accepted and
-    checked, but `shard()` does not apply tensor-parallel plans yet and refuses tp_size > 1."""
+    """T, ranks of one tensor-parallel group; FSDP2 only. R·S·T is the world size. With T > 1,
+    `shard()` applies the model's `base_model_tp_plan` (or its `tp_plan=`) before FSDP2."""
     backward_prefetch: str | None = "BACKWARD_PRE"
     """FSDP1 only: BACKWARD_PRE, BACKWARD_POST, or NO_PREFETCH / None. FSDP2 always behaves
     like BACKWARD_PRE, the setting that overlaps the next all-gather with gradient compute."""

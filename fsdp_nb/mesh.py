@@ -27,15 +27,14 @@ def local_world_size() -> int:
 
 
 def plan_for(config: FSDPConfig, mesh: Any = None) -> MeshPlan:
-    """The mesh plan on this process group: one-line ValueErrors for sizes, a NotImplementedError for TP."""
-    shape = tuple(mesh.shape) if mesh is not None else None
-    plan = plan_mesh(config, dist.get_world_size(), local_world_size=local_world_size(), mesh_shape=shape)
-    if plan.tp > 1:
-        raise NotImplementedError(
-            f"tp_size={plan.tp}: fsdp_nb does not apply tensor-parallel plans yet; use tp_size=1 "
-            "(dp_replicate_size and dp_shard_size give FSDP and HSDP)"
+    """The mesh plan on this process group: every refusal is one ValueError line."""
+    if mesh is not None and config.tp_size > 1:
+        raise ValueError(
+            f"mesh= with tp_size={config.tp_size}: fsdp_nb builds the (dp, tp) mesh itself from the sizes; "
+            "leave mesh= out and set dp_replicate_size, dp_shard_size and tp_size"
         )
-    return plan
+    shape = tuple(mesh.shape) if mesh is not None else None
+    return plan_mesh(config, dist.get_world_size(), local_world_size=local_world_size(), mesh_shape=shape)
 
 
 def build_mesh(plan: MeshPlan, device_type: str, given: Any = None) -> Any:
@@ -43,6 +42,7 @@ def build_mesh(plan: MeshPlan, device_type: str, given: Any = None) -> Any:
 
     FSDP1's non-hybrid strategies shard over the default process group, as they
     always have here (a mesh would turn its sharded state dicts into DTensors).
+    With tp > 1 the mesh gets a last "tp" dim; `data_parallel_mesh` is its FSDP part.
     A 2-D mesh is row-major: rank = r·S + s, so a shard group is S consecutive
     ranks (one node under torchrun) [Note: mesh sizes].
     """
@@ -50,9 +50,26 @@ def build_mesh(plan: MeshPlan, device_type: str, given: Any = None) -> Any:
 
     if given is not None:
         return given
+    if plan.tp > 1:  # (S, T) or (R, S, T), tp last: a TP group is T consecutive ranks [Note: TP ranks]
+        names = (MESH_DIM_NAMES if len(plan.shape) == 2 else MESH_DIM_NAMES[1:]) + ("tp",)
+        return init_device_mesh(device_type, (*plan.shape, plan.tp), mesh_dim_names=names)
     if len(plan.shape) == 1:
         return None if plan.strategy is not None else init_device_mesh(device_type, plan.shape)
     return init_device_mesh(device_type, plan.shape, mesh_dim_names=MESH_DIM_NAMES)  # (R, S)
+
+
+def data_parallel_mesh(mesh: Any) -> Any:
+    """The dims of `mesh` that FSDP shards over: all but "tp" (the mesh itself when it has none)."""
+    names = getattr(mesh, "mesh_dim_names", None) or ()
+    if "tp" not in names:
+        return mesh
+    dp = tuple(n for n in names if n != "tp")
+    return mesh[dp if len(dp) > 1 else dp[0]]
+
+
+def tp_mesh(mesh: Any) -> Any:
+    """The "tp" dim of `mesh`, or None."""
+    return mesh["tp"] if "tp" in (getattr(mesh, "mesh_dim_names", None) or ()) else None
 
 
 def fsdp1_group_args(plan: MeshPlan, mesh: Any) -> dict[str, Any]:

@@ -27,6 +27,8 @@ class Layer(nn.Module):
     row split is uneven on 2 ranks.
     """
 
+    base_model_tp_plan = {"l1": "colwise", "l2": "rowwise"}  # Hugging Face's name; l3 stays whole
+
     def __init__(self, d_in: int = 4, d_hidden: int = 6, d_out: int = 3, *, bias: bool = True):
         super().__init__()
         for name, value in (("d_in", d_in), ("d_hidden", d_hidden), ("d_out", d_out)):
@@ -86,7 +88,16 @@ class GPTConfig:
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head attention where position t only sees positions <= t."""
+    """Multi-head attention where position t only sees positions <= t.
+
+    [Note: fused qkv under TP]
+    `qkv.weight` stacks the rows of q, k and v: [q; k; v], (3C, C). Tensor
+    parallelism ("colwise") splits those rows in contiguous blocks, so TP rank 0 of
+    2 holds q and half of k, not whole heads. Under TP the forward therefore gathers
+    the (B, T, 3C) projection and keeps this rank's heads of each of q, k and v (the
+    columns `proj`, "rowwise", expects); backward sums each rank's part of the
+    gradient (`grad_placements=[Partial()]`). The heads per rank are n_head / tp.
+    """
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -97,14 +108,27 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
-        # split the width into heads: (B, T, C) -> (B, nh, T, hs)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        qkv = self.qkv(x)  # (B, T, 3C); under TP (B, T, 3C / tp), this rank's rows of qkv.weight
+        if qkv.shape[-1] != 3 * C:  # TP: gather, then keep this rank's heads [Note: fused qkv under TP]
+            qkv = _this_ranks_heads(qkv, self.qkv.weight.device_mesh, C)
+        q, k, v = qkv.split(qkv.shape[-1] // 3, dim=2)  # 3 x (B, T, C_local), C_local = C / tp
+        # split the width into heads: (B, T, C_local) -> (B, nh_local, T, hs)
+        hs = C // self.n_head
+        q, k, v = (t.view(B, T, -1, hs).transpose(1, 2) for t in (q, k, v))
         y = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
-        )  # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        )  # (B, nh_local, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, q.shape[1] * hs)  # (B, T, C_local)
         return self.proj(y)
+
+
+def _this_ranks_heads(local: torch.Tensor, tp_mesh, C: int) -> torch.Tensor:
+    """(B, T, 3C / tp) rows of [q; k; v] -> (B, T, 3C / tp) of [q_t; k_t; v_t], this TP rank's heads."""
+    from torch.distributed.tensor import DTensor, Partial, Shard
+
+    tp, t = tp_mesh.size(), tp_mesh.get_local_rank()
+    full = DTensor.from_local(local, tp_mesh, [Shard(2)]).full_tensor(grad_placements=[Partial()])  # (B, T, 3C)
+    return torch.cat([part.chunk(tp, dim=2)[t] for part in full.split(C, dim=2)], dim=2)
 
 
 class MLP(nn.Module):
@@ -145,6 +169,13 @@ class GPT(nn.Module):
     """
 
     _no_split_modules = ["Block"]  # the default unit for TRANSFORMER_BASED_WRAP
+    # Hugging Face's name and words: what tensor parallelism splits (embeddings, norms, head stay whole)
+    base_model_tp_plan = {
+        "blocks.*.attn.qkv": "colwise",  # [Note: fused qkv under TP]
+        "blocks.*.attn.proj": "rowwise",
+        "blocks.*.mlp.fc": "colwise",
+        "blocks.*.mlp.proj": "rowwise",
+    }
 
     def __init__(self, config: GPTConfig | None = None, *, seed: int = 0):
         super().__init__()

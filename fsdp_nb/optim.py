@@ -57,10 +57,13 @@ def clip_sharded_grads(grads: list, max_norm: float) -> float:
     if not grads:
         return 0.0
     mesh = _shard_mesh(grads)
-    if mesh is None:  # parameters FSDP left whole, or meshes of several shapes: DTensor does it right
-        params = [_GradHolder(g) for g in grads]
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    if mesh is None:  # parameters FSDP left whole, TP's 2-D placements, or several meshes
+        norm = float(_norm_by_layout(grads))
+        if max_norm != float("inf"):
+            coef = min(max_norm / (norm + 1e-6), 1.0)  # clip_grad_norm_'s coefficient
+            for g in grads:
+                g.mul_(coef)
+        return norm
     local = [g.to_local() for g in grads]
     squares = torch.nn.utils.get_total_norm(local, 2.0, foreach=True).pow(2)  # this rank's share of |g|^2
     if dist.is_initialized():
@@ -70,6 +73,27 @@ def clip_sharded_grads(grads: list, max_norm: float) -> float:
     if max_norm != float("inf"):  # g *= min(max_norm / (norm + 1e-6), 1), one foreach kernel
         torch.nn.utils.clip_grads_with_norm_([_GradHolder(t) for t in local], max_norm, norm, foreach=True)
     return float(norm)
+
+
+def _norm_by_layout(grads: list) -> torch.Tensor:
+    """The 2-norm of `grads` in any mix of layouts: per (mesh, placements) group through DTensor, then summed.
+
+    One `get_total_norm` over all of them stacks the per-tensor norms, which fails
+    ("torch.stack" on DTensors of different meshes) under tensor parallelism: the
+    planned layers live on the (dp, tp) mesh, embeddings and norms on the dp mesh.
+    Each group's norm is made a full tensor (its all-reduce) before they are combined.
+    """
+    from torch.distributed.tensor import DTensor
+
+    groups: dict = {}
+    for g in grads:
+        key = (id(g.device_mesh), tuple(g.placements)) if isinstance(g, DTensor) else None
+        groups.setdefault(key, []).append(g)
+    squares = []
+    for members in groups.values():
+        norm = torch.nn.utils.get_total_norm(members, 2.0, foreach=True)
+        squares.append((norm.full_tensor() if isinstance(norm, DTensor) else norm).pow(2))
+    return torch.stack(squares).sum().sqrt()
 
 
 def _shard_mesh(grads: list):

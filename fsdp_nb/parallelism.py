@@ -131,7 +131,7 @@ class MeshPlan:
     shape: tuple[int, ...]
     """(S,) for a 1-D mesh, (R, S) for a 2-D (replicate, shard) one; R·S·tp is the world size."""
     tp: int = 1
-    """Ranks of one tensor-parallel group (not applied yet: `shard()` refuses tp > 1)."""
+    """Ranks of one tensor-parallel group: FSDP2 only, the mesh's last dim ("tp") when > 1."""
     strategy: str | None = None
     """FSDP1: the strategy torch runs (HYBRID_SHARD becomes FULL_SHARD with R = 1); None for FSDP2."""
     note: str | None = None

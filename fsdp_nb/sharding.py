@@ -42,7 +42,7 @@ from fsdp_nb.loading import (
     tie_keeping_init,
 )
 from fsdp_nb.loading import build_on_rank0 as build_on_rank0  # its public path since the first release
-from fsdp_nb.mesh import build_mesh, fsdp1_group_args, plan_for
+from fsdp_nb.mesh import build_mesh, data_parallel_mesh, fsdp1_group_args, plan_for, tp_mesh
 from fsdp_nb.optim_guard import remember_replaced
 from fsdp_nb.phases import fail_together
 
@@ -67,7 +67,9 @@ def config_of(model: nn.Module) -> FSDPConfig | None:
     return _CONFIGS.get(model)
 
 
-def shard(model: nn.Module, config: FSDPConfig, *, mesh: Any = None) -> nn.Module:
+def shard(
+    model: nn.Module, config: FSDPConfig, *, mesh: Any = None, tp_plan: dict[str, str] | None = None
+) -> nn.Module:
     """Shard `model` across the current process group as `config` (an `FSDPConfig`) says.
 
     Returns the sharded model: an FSDP1 `FullyShardedDataParallel` wrapper, or
@@ -86,19 +88,40 @@ def shard(model: nn.Module, config: FSDPConfig, *, mesh: Any = None) -> nn.Modul
     # of them broadcasts [Note: fail together].
     with fail_together("shard()"):
         plan = plan_for(config, mesh)  # the sizes against the world, or the given mesh [Note: mesh sizes]
+        tp_modules = _tp_modules(model, config, plan, tp_plan)  # 0. what TP splits, before units rename modules
         before = list(model.parameters())  # a tied parameter is listed once
         units = wrap_units(model, config)  # 1. which submodules get their own unit
         units = apply_activation_checkpointing(model, units, config)  # 2. recompute per unit
     if plan.note:  # FSDP1's hybrid strategy on one machine: it runs as FULL_SHARD
         warnings.warn(plan.note, UserWarning, stacklevel=2)
     mesh = build_mesh(plan, compute_device().type, mesh)  # a collective for a 2-D mesh: every rank is here
+    if tp_modules:  # TP first: fully_shard then shards the TP DTensors over the data-parallel dims
+        from fsdp_nb.tensor_parallel import apply_plan
+
+        apply_plan(tp_modules, tp_mesh(mesh))  # a collective (rank 0's weights are scattered)
     if config.fsdp_version == 1:  # 3. shard units, then the root
         sharded = _apply_fsdp1(model, units, config, plan, mesh)
     else:
-        sharded = _apply_fsdp2(model, units, config, mesh)
+        sharded = _apply_fsdp2(model, units, config, data_parallel_mesh(mesh) if mesh is not None else None)
     remember_replaced(before, sharded)
     _CONFIGS[sharded] = config
     return sharded
+
+
+def _tp_modules(model: nn.Module, config: FSDPConfig, plan: MeshPlan, tp_plan: dict | None) -> list:
+    """The modules TP splits, checked; [] without TP. A plan without tp_size > 1 is refused."""
+    from fsdp_nb.tensor_parallel import plan_of, resolve_plan
+
+    if plan.tp == 1:
+        if tp_plan is not None:
+            raise ValueError("tp_plan= needs tp_size > 1 in the config; accepted: tp_size=2 or more, or no tp_plan")
+        return []
+    if config.cpu_ram_efficient_loading:
+        raise ValueError(
+            f"cpu_ram_efficient_loading=True with tp_size={plan.tp} is not supported; use cpu_ram_efficient_loading"
+            "=False (each rank builds the model) or tp_size=1"
+        )
+    return resolve_plan(model, plan_of(model, tp_plan), plan.tp)
 
 
 # ---- 1. wrap units -------------------------------------------------------------

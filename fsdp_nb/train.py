@@ -6,7 +6,8 @@ in the environment: the Trainer makes the process group itself).
 
 One optimizer step, and why each part is there:
 1. every rank takes its rows of the step's global batch (`fsdp_nb.data`): on a
-   2-D (replicate, shard) mesh too, where all R·S ranks are data parallel;
+   2-D (replicate, shard) mesh too, where all R·S ranks are data parallel; with
+   tensor parallelism the T ranks of a TP group take the same rows (rank // T);
 2. the rows are cut into `grad_accum_steps` micro-batches; gradients are only
    reduced across ranks on the last one (FSDP1 `no_sync()`, FSDP2
    `set_requires_gradient_sync(False)`), since reducing earlier is wasted traffic;
@@ -40,6 +41,7 @@ from fsdp_nb.model_forms import choose_form, compute_loss
 from fsdp_nb.optim import clip_sharded_grads, lr_at, make_adamw
 from fsdp_nb.rank import events
 from fsdp_nb.sharding import fsdp_version_of
+from fsdp_nb.tensor_parallel import data_parallel_rank
 from fsdp_nb.validate import is_int
 
 if TYPE_CHECKING:
@@ -166,7 +168,10 @@ class Trainer:
         self.loss_fn = loss_fn
         self.rank, self.world_size = init_distributed()
         self.master_process = self.rank == 0  # gates every rank-0 side effect, in _report
-        check_batch_split(config.global_batch_size, self.world_size, config.grad_accum_steps)
+        # TP peers compute one model together and take the same rows [Note: TP ranks]
+        tp = fsdp.tp_size if fsdp is not None else 1
+        self.dp_rank, self.dp_world_size = data_parallel_rank(self.rank, self.world_size, tp)
+        check_batch_split(config.global_batch_size, self.dp_world_size, config.grad_accum_steps)
         if fsdp is not None:
             from fsdp_nb.sharding import compute_device, shard
 
@@ -185,7 +190,10 @@ class Trainer:
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = make_adamw(trainable, config)
         split = dict(
-            global_batch_size=config.global_batch_size, rank=self.rank, world_size=self.world_size, seed=config.seed
+            global_batch_size=config.global_batch_size,
+            rank=self.dp_rank,
+            world_size=self.dp_world_size,
+            seed=config.seed,
         )
         self.train_batches = ShardedBatches(data, **split)
         self.val_batches = ShardedBatches(val_data, shuffle=False, **split) if val_data is not None else None

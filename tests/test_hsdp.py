@@ -443,7 +443,7 @@ def test_an_explicit_mesh_wins_and_a_contradiction_is_one_line_on_every_rank(ran
     placed = [tuple(map(str, p.placements)) for p in shard(Layer(), FSDPConfig(), mesh=mesh).parameters()]
     contradiction = refusal(lambda: shard(Layer(), FSDPConfig(dp_shard_size=4), mesh=mesh))
     bad_sizes = refusal(lambda: shard(Layer(), FSDPConfig(dp_replicate_size=3)))
-    tp = refusal(lambda: shard(Layer(), FSDPConfig(tp_size=2)))
+    tp = refusal(lambda: shard(Layer(), FSDPConfig(tp_size=2), mesh=mesh))  # TP itself: tests/test_tp.py
     """,
     )
     from torch.distributed.tensor import Replicate, Shard
@@ -452,7 +452,7 @@ def test_an_explicit_mesh_wins_and_a_contradiction_is_one_line_on_every_rank(ran
     for name, kind, start in (
         ("contradiction", "ValueError", "mesh= has shape (2, 2) (dp_replicate 2 × dp_shard 2) but the config sets"),
         ("bad_sizes", "ValueError", "dp_replicate_size=3 × tp_size=1 = 3 does not divide 4"),
-        ("tp", "NotImplementedError", "tp_size=2: fsdp_nb does not apply tensor-parallel plans yet; use tp_size=1"),
+        ("tp", "ValueError", "mesh= with tp_size=2: fsdp_nb builds the (dp, tp) mesh itself from the sizes; leave"),
     ):
         for got_kind, message in ranks.eval(name):
             assert got_kind == kind and message.startswith(start) and "\n" not in message, message
