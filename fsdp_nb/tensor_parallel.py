@@ -26,12 +26,11 @@ the batch: the data-parallel rank is rank // T, of world / T.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from torch import nn
 
-STYLES = ("colwise", "rowwise")  # Hugging Face's words that fsdp_nb applies
+from fsdp_nb.layout.tp_plan import check_styles, plan_regex
 
 
 def plan_of(model: nn.Module, tp_plan: dict[str, str] | None) -> dict[str, str]:
@@ -51,16 +50,12 @@ def plan_of(model: nn.Module, tp_plan: dict[str, str] | None) -> dict[str, str]:
 
 def resolve_plan(model: nn.Module, plan: dict[str, str], tp: int) -> list[tuple[str, nn.Module, str]]:
     """`(name, module, style)` for each planned module; every refusal is one ValueError line."""
-    for pattern, style in plan.items():
-        if style not in STYLES:
-            raise ValueError(
-                f"tp_plan[{pattern!r}]={style!r} is not a plan word fsdp_nb applies; accepted: {', '.join(STYLES)}"
-            )
+    check_styles(plan)
     _check_heads(model, tp)
     modules = dict(model.named_modules())
     found = []
     for pattern, style in plan.items():
-        regex = re.compile(re.escape(pattern).replace(r"\*", r"[^.]+"))
+        regex = plan_regex(pattern)
         names = [n for n in modules if n and regex.fullmatch(n)]
         if not names:
             raise ValueError(f"tp_plan key {pattern!r} matches no submodule of {type(model).__name__}")

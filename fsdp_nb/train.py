@@ -36,7 +36,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fsdp_nb.data import ByteBlocks, ShardedBatches, check_batch_split
-from fsdp_nb.layout.inspect import memory_of
+from fsdp_nb.layout.memory import memory_of
 from fsdp_nb.model_forms import choose_form, compute_loss
 from fsdp_nb.optim import clip_sharded_grads, lr_at, make_adamw
 from fsdp_nb.rank import events

@@ -29,7 +29,7 @@ from matplotlib.text import Text
 from matplotlib.transforms import Bbox
 
 from fsdp_nb.layout import RankBytes, fsdp1_layout, fsdp2_layout, specs_of
-from fsdp_nb.layout.inspect import MemoryReport
+from fsdp_nb.layout.memory import MemoryReport
 from fsdp_nb.models import GPT, GPTConfig, Layer
 from fsdp_nb.trace import RankTrace, Span, Trace
 from fsdp_nb.viz import plot_comparison, plot_fsdp1, plot_fsdp2, plot_memory, plot_timeline

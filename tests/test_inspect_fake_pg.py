@@ -23,7 +23,8 @@ from torch.distributed.tensor import Shard
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from fsdp_nb.layout import fsdp1_layout, fsdp2_layout, specs_of
-from fsdp_nb.layout.inspect import fsdp1_layouts_of, layout_of, memory_of, merge_observed, specs_of_sharded
+from fsdp_nb.layout.inspect import fsdp1_layouts_of, layout_of, merge_observed, specs_of_sharded
+from fsdp_nb.layout.memory import memory_of
 from fsdp_nb.models import Layer
 
 CPU = torch.device("cpu")

@@ -203,3 +203,39 @@ def test_trainer_with_fsdp2_and_tp_matches_one_process(ranks):
     assert rows[0] == rows[1] and rows[2] == rows[3]
     for step in range(TRAIN["steps"]):
         assert rows[0][step] + rows[2][step] == one_process.global_indices(step)
+
+
+@pytest.mark.timeout(60)
+def test_layout_model_equals_what_torch_built_on_real_ranks(ranks):
+    """fsdp_nb's own `shard` on gloo (rank 0 scatters the TP pieces): every local value is the index the model names."""
+    run(
+        ranks,
+        """
+    @torch.no_grad()
+    def indexed(module):  # every parameter holds its own flat indices (exact in fp32)
+        for p in module.parameters():
+            p.copy_(torch.arange(p.numel()).view(p.shape))
+        return module
+
+    tp_gpt = shard(indexed(GPT(GPTConfig.debug(), seed=0)), FSDPConfig(tp_size=2))
+    tp_layer = shard(indexed(Layer()), FSDPConfig(tp_size=2))
+    tp_values = {
+        key: {n: p.to_local().flatten().long() for n, p in m.named_parameters()}
+        for key, m in (("gpt", tp_gpt), ("layer", tp_layer))
+    }
+    """,
+    )
+    from fsdp_nb.layout import fsdp2_layout, specs_of
+
+    for key, model in (("gpt", GPT(GPTConfig.debug(), seed=0)), ("layer", Layer())):
+        lay = fsdp2_layout(specs_of(model), 4, tp=2, tp_plan=model.base_model_tp_plan)
+        read = ranks.layout(f"tp_{key}")
+        assert (read.tp, read.shard_size, read.observed_ranks) == (2, 2, (0, 1, 2, 3))
+        assert read.tp_placements == lay.tp_placements and read.row_ranges == lay.row_ranges
+        assert read.padded_rows == lay.padded_rows and read.bytes_per_rank == lay.bytes_per_rank
+        memory = ranks.memory(f"tp_{key}")
+        for rank, values in enumerate(ranks.eval("tp_values")):
+            assert memory[rank].params == lay.bytes(rank), (key, rank)  # live storage bytes, padding included
+            for name, local in values[key].items():
+                assert read.placements(name) == lay.placements(name), name
+                assert torch.equal(local, lay.elements(name, rank)), (key, name, rank)

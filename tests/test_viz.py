@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fsdp_nb.layout import ParamSpec, RankBytes, fsdp1_layout, fsdp2_layout, specs_of
-from fsdp_nb.layout.inspect import MemoryReport
+from fsdp_nb.layout.memory import MemoryReport
 from fsdp_nb.models import Layer
 from fsdp_nb.viz import (
     format_fsdp1,

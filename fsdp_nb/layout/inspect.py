@@ -15,9 +15,8 @@ FlatParameter metadata (`_fqns`, `_shapes`, `_shard_param_infos`, ...).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
-import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
@@ -33,10 +32,11 @@ from fsdp_nb._torch import (
     joined,
     shard_size_and_offset,
 )
-from fsdp_nb.layout.mesh_layout import dp_placements, per_rank
+from fsdp_nb.layout.mesh_layout import per_rank
 from fsdp_nb.layout.model import Fsdp1Layout, Fsdp2Layout, shard_flat
 from fsdp_nb.layout.rules import fsdp1_problems, fsdp2_problems
-from fsdp_nb.layout.specs import ParamSpec, RankBytes, Segment
+from fsdp_nb.layout.specs import ParamSpec, Segment
+from fsdp_nb.layout.tp_plan import TP_SHARD0, placements_of
 
 
 # ---------------------------------------------------------------- FSDP1 ----
@@ -93,9 +93,6 @@ def fsdp1_layouts_of(module: nn.Module) -> dict[str, Fsdp1Layout]:
 
 
 # ---------------------------------------------------------------- FSDP2 ----
-DP_1D, DP_2D = dp_placements(1), dp_placements(2)  # ("Shard(dim=0)",), ("Replicate()", "Shard(dim=0)")
-
-
 def _fsdp_params(module: nn.Module) -> list[tuple[str, str, object]]:
     """(parameter name, fully_shard group name, ShardedParamInfo) in `named_parameters` order."""
     names = {id(m): n for n, m in module.named_modules()}
@@ -109,46 +106,75 @@ def _fsdp_params(module: nn.Module) -> list[tuple[str, str, object]]:
     return [(n, *found[n]) for n, _ in module.named_parameters() if n in found]
 
 
+def _tp_place(p: DTensor, me: int) -> tuple[str | None, int, int]:
+    """(placement on the "tp" mesh dim or None, T, global rank `me`'s t) of a parameter's DTensor.
+
+    `me`'s place is looked up in the mesh's rank grid, which every rank shares, rather than
+    read from `get_coordinate()`: DTensor may hand out an equal mesh object made for another rank
+    when ranks share a process (as under the fake process group of the layout tests).
+    """
+    names = p.device_mesh.mesh_dim_names or ()
+    if "tp" not in names:
+        return None, 0, -1  # T and t come from the world [Note: TP layouts]
+    i = names.index("tp")
+    where = (p.device_mesh.mesh == me).nonzero()
+    return repr(p.placements[i]), p.device_mesh.size(i), int(where[0, i]) if len(where) else -1
+
+
+def _cut(rows: int, placement: str | None, S: int, T: int, s: int, t: int) -> tuple[int, int]:
+    """Rows `[start, stop)` of rank (s, t), by torch's own chunk arithmetic: TP's cut, then FSDP's."""
+    first, size = 0, rows
+    if placement == TP_SHARD0:
+        size, first = shard_size_and_offset(rows, T, t)
+    n, a = shard_size_and_offset(size, S, s)
+    return first + a, first + a + n
+
+
 def _fsdp2_layout(module: nn.Module) -> Fsdp2Layout:
     entries = _fsdp_params(module)
     if not entries:
         raise ValueError("layout_of: fully_shard manages no parameter of this module")
-    specs, groups, ranges, padded = [], [], [], []
+    me, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    specs, groups, ranges, padded, on_tp = [], [], [], [], []
     meshes = set()
     for name, group, fp in entries:
         p = fp.sharded  # DTensor, global shape
-        if fp.shard_dim != 0 or tuple(map(repr, p.placements)) not in (DP_1D, DP_2D):
+        S, R = fp.shard_world, fp.replicate_world  # mesh (S,), (R, S), (S, T) or (R, S, T)
+        placement, T, t = _tp_place(p, me)
+        T = T or world // (R * S)
+        t = t if t >= 0 else me % T  # a parameter off the "tp" dim: every TP rank holds the same shard
+        rank = (fp.replicate_rank * S + fp.shard_rank) * T + t  # row-major place in the mesh
+        want = placements_of(placement, R, T)
+        if fp.shard_dim != 0 or tuple(map(repr, p.placements)) != want or rank != me:
             raise NotImplementedError(
-                f"layout_of: {name} has placements {p.placements}; only FSDP / HSDP on dim 0 (the default) is modelled"
+                f"layout_of: {name} has placements {p.placements} at mesh rank {rank} of global rank {me}; "
+                "modelled: FSDP / HSDP on dim 0 over a row-major (R, S, T) mesh, TP colwise or rowwise"
             )
-        S, R = fp.shard_world, fp.replicate_world  # mesh (S,) or (R, S) [Note: N-D layouts]
-        world, rank = R * S, fp.replicate_rank * S + fp.shard_rank  # row-major place in the mesh
-        meshes.add((world, R))
-        rows = p.shape[0]
-        local_rows = p.to_local().shape[0]
-        size, start = shard_size_and_offset(rows, S, fp.shard_rank)
-        if size != local_rows:
-            raise RuntimeError(f"layout_of: {name} has {local_rows} local rows, torch's chunk rule says {size}")
-        # other ranks: torch's own chunk arithmetic, rank r·S + s holds shard s
-        cut = [shard_size_and_offset(rows, S, s) for s in range(S)]  # (rows, first row) per shard rank
-        rank_ranges = [(a, a + n) for n, a in per_rank(cut, world)]
-        rank_ranges[rank] = (start, start + local_rows)  # ours: read from to_local()
+        meshes.add((R * S * T, R, T))
+        rows, local_rows = p.shape[0], p.to_local().shape[0]
+
+        own = _cut(rows, placement, S, T, fp.shard_rank, t)
+        if own[1] - own[0] != local_rows:
+            raise RuntimeError(f"layout_of: {name} has {local_rows} local rows, torch's chunk rule says {own}")
         specs.append(ParamSpec(name=name, shape=tuple(p.shape), dtype=p.dtype, requires_grad=p.requires_grad))
         groups.append(group)
-        ranges.append(tuple(rank_ranges))
+        ranges.append(tuple(_cut(rows, placement, S, T, r // T % S, r % T) for r in range(R * S * T)))
         padded.append(fp.padded_rows)  # rows of the all-gather input on every rank
+        on_tp.append(placement)
     if len(meshes) != 1:
         raise NotImplementedError(f"layout_of: parameters are sharded over different meshes {sorted(meshes)}")
-    world, replicas = meshes.pop()
+    world, replicas, T = meshes.pop()
     return Fsdp2Layout(
         params=tuple(specs),
         world_size=world,
         dp_replicate=replicas,
+        tp=T,
+        tp_placements=tuple(on_tp) if T > 1 else (),
         groups=tuple(groups),
         row_ranges=tuple(ranges),
         padded_rows=tuple(padded),
         problems=fsdp2_problems(specs, groups),
-        observed_ranks=(rank,),
+        observed_ranks=(me,),
     )
 
 
@@ -211,77 +237,3 @@ def specs_of_sharded(module: nn.Module) -> tuple[ParamSpec, ...]:
         order.setdefault(clean_name(n), len(order))
     position = {s.name: i for i, s in enumerate(specs)}
     return tuple(sorted(specs, key=lambda s: (order.get(s.name.rpartition(".")[0], -1), position[s.name])))
-
-
-@dataclass(frozen=True, kw_only=True)
-class MemoryReport:
-    """Real storage bytes on one rank, from `memory_of`: parameters, gradients, optimizer state."""
-
-    rank: int
-    world_size: int
-    params: RankBytes
-    grads: RankBytes
-    optimizer: RankBytes
-
-    @property
-    def total(self) -> int:
-        return self.params.total + self.grads.total + self.optimizer.total
-
-
-class _Ledger:
-    """Unique storages (by data pointer) and the byte ranges of real data inside them."""
-
-    def __init__(self):
-        self.nbytes: dict[int, int] = {}
-        self.real: dict[int, list[tuple[int, int]]] = {}
-
-    def add(self, t: torch.Tensor, pieces=None) -> None:
-        """`pieces`: (element offset, numel) of real data in flat `t`; None means all of `t`."""
-        if isinstance(t, DTensor):
-            t = t.to_local()
-        storage = t.untyped_storage()
-        if storage.nbytes() == 0:  # e.g. a use_orig_params view with nothing on this rank
-            return
-        ptr, item, base = storage.data_ptr(), t.element_size(), t.storage_offset()
-        self.nbytes[ptr] = storage.nbytes()
-        for start, numel in pieces if pieces is not None else [(0, t.numel())]:
-            self.real.setdefault(ptr, []).append(((base + start) * item, (base + start + numel) * item))
-
-    def bytes(self) -> RankBytes:
-        real = 0
-        for ranges in self.real.values():  # union of possibly overlapping views
-            end = 0
-            for a, b in sorted(ranges):
-                real += max(0, b - max(a, end))
-                end = max(end, b)
-        total = sum(self.nbytes.values())
-        return RankBytes(real=real, padding=total - real)
-
-
-def memory_of(module: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> MemoryReport:
-    """Bytes this rank really holds for parameters, gradients and optimizer state.
-
-    Storages are counted once each, whole, so padding counts; `real` is the part
-    covered by parameter data. Call it between steps, when parameters are sharded.
-    """
-    pieces = {}
-    for h in fsdp1_handles(module).values():  # FSDP1: real pieces of each local FlatParameter chunk
-        info = flat_info(h)
-        real = [(p.offset, p.stop - p.start) for p in info.pieces if p is not None]
-        pieces[id(info.flat)] = (info.flat, real)
-    tensors = list(pieces.values()) + [(p, None) for p in module.parameters() if id(p) not in pieces]
-    params, grads, optim = _Ledger(), _Ledger(), _Ledger()
-    for t, real in tensors:
-        params.add(t, real)
-        if t.grad is not None:
-            grads.add(t.grad, real if t.grad.numel() == t.numel() else None)
-    if optimizer is not None:
-        for p, state in optimizer.state.items():
-            real = pieces[id(p)][1] if id(p) in pieces else None
-            for value in state.values():
-                if isinstance(value, torch.Tensor):  # exp_avg like the FlatParameter chunk, or a scalar step
-                    optim.add(value, real if real is not None and value.numel() == p.numel() else None)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    return MemoryReport(
-        rank=rank, world_size=world, params=params.bytes(), grads=grads.bytes(), optimizer=optim.bytes()
-    )

@@ -9,7 +9,8 @@ same elements, so a replica holds the same bytes as its shard peer. R = 1 is the
 mesh (S,) that every layout had before: its placements are `("Shard(dim=0)",)`, while
 R > 1 is HSDP, `("Replicate()", "Shard(dim=0)")`. Layouts keep one entry per global
 rank (replicas repeat), so code that walks `range(world_size)` sees every rank.
-Tensor parallelism (a third mesh dim T) is not modelled yet.
+Tensor parallelism adds a third dim, last: (R, S, T), rank = (r·S + s)·T + t; each of
+the T ranks of a TP group holds its TP piece, cut again over S [Note: TP layouts].
 """
 
 from __future__ import annotations
@@ -28,16 +29,20 @@ SHARD0 = "Shard(dim=0)"  # repr(torch.distributed.tensor.Shard(0))
 REPLICATE = "Replicate()"  # repr(torch.distributed.tensor.Replicate())
 
 
-def shard_size(world_size, dp_replicate=1, tp=1, tp_plan=None) -> int:
+def shard_size(world_size, dp_replicate=1, tp=1) -> int:
     """S = world_size / (dp_replicate · tp): the ranks one parameter is sharded over; one-line errors otherwise."""
     if not is_int(world_size) or world_size < 1:
         raise ValueError(f"world_size={world_size!r} must be an int >= 1")
-    if tp != 1 or tp_plan is not None:
-        raise NotImplementedError(f"tp={tp!r}, tp_plan={tp_plan!r}: tensor-parallel layouts are not modelled yet")
-    if not is_int(dp_replicate) or dp_replicate < 1 or world_size % dp_replicate:
-        divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
-        raise ValueError(f"dp_replicate={dp_replicate!r} must divide world_size={world_size}; accepted: {divisors}")
-    return world_size // dp_replicate
+    divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
+    if not is_int(tp) or tp < 1 or world_size % tp:
+        raise ValueError(f"tp={tp!r} must divide world_size={world_size}; accepted: {divisors}")
+    if not is_int(dp_replicate) or dp_replicate < 1 or world_size % (dp_replicate * tp):
+        accepted = [d for d in divisors if world_size % (d * tp) == 0]
+        times = f" × tp={tp}" if tp > 1 else ""
+        raise ValueError(
+            f"dp_replicate={dp_replicate!r}{times} must divide world_size={world_size}; accepted: {accepted}"
+        )
+    return world_size // (dp_replicate * tp)
 
 
 def dp_placements(dp_replicate: int) -> tuple[str, ...]:
@@ -45,10 +50,10 @@ def dp_placements(dp_replicate: int) -> tuple[str, ...]:
     return ((REPLICATE,) if dp_replicate > 1 else ()) + (SHARD0,)
 
 
-def per_rank(per_shard: Sequence[T], world_size: int) -> tuple[T, ...]:
-    """One entry per global rank from one per shard rank: rank r·S + s holds what shard rank s holds."""
+def per_rank(per_shard: Sequence[T], world_size: int, tp: int = 1) -> tuple[T, ...]:
+    """One entry per global rank from one per shard rank: rank (r·S + s)·T + t holds what shard rank s holds."""
     S = len(per_shard)
-    return tuple(per_shard[rank % S] for rank in range(world_size))
+    return tuple(per_shard[rank // tp % S] for rank in range(world_size))
 
 
 def index_ranges(ranges: Sequence[tuple[int, int]]) -> torch.Tensor:

@@ -29,71 +29,17 @@ from dataclasses import dataclass
 
 import torch
 
-from fsdp_nb.layout.mesh_layout import chunk_range, dp_placements, index_ranges, per_rank, shard_flat, shard_size
+from fsdp_nb.layout.base import Layout, check_specs
+from fsdp_nb.layout.mesh_layout import chunk_range, index_ranges, per_rank, shard_flat, shard_size
 from fsdp_nb.layout.rules import fsdp1_problems, fsdp2_problems
 from fsdp_nb.layout.specs import ParamSpec, Problem, RankBytes, Segment
+from fsdp_nb.layout.tp_plan import mesh_coords, placements_of, tp_cols, tp_placements, tp_rows
 
 ALIGNMENT_BYTES = 16  # FSDP1 aligns each parameter's start for use_orig_params=True
 
 
-def _check_specs(specs: Sequence[ParamSpec]) -> tuple[ParamSpec, ...]:
-    specs = tuple(specs)
-    if not specs or not all(isinstance(s, ParamSpec) for s in specs):
-        raise ValueError("specs must be a non-empty sequence of ParamSpec (see specs_of(module))")
-    names = [s.name for s in specs]
-    if len(set(names)) != len(names):
-        raise ValueError(f"specs: parameter names must be unique, got {names}")
-    return specs
-
-
-class _Layout:
-    """Shared lookups of the two layout types; ranks are global ranks of the (R, S) mesh [Note: N-D layouts]."""
-
-    def _check_mesh(self, per_rank_entries: int) -> None:
-        shard_size(self.world_size, self.dp_replicate)
-        if per_rank_entries != self.world_size:
-            raise ValueError(f"{type(self).__name__}: {per_rank_entries} rank entries for world_size={self.world_size}")
-
-    @property
-    def shard_size(self) -> int:
-        """S: the ranks of one shard group (`world_size / dp_replicate`)."""
-        return self.world_size // self.dp_replicate
-
-    def placements(self, name: str) -> tuple[str, ...]:
-        """torch's placements of `name` as `repr` strings, e.g. `("Replicate()", "Shard(dim=0)")` for HSDP."""
-        self._index(name)
-        return dp_placements(self.dp_replicate)
-
-    def _index(self, name: str) -> int:
-        for i, spec in enumerate(self.params):
-            if spec.name == name:
-                return i
-        raise KeyError(f"unknown parameter {name!r}; this layout has {[s.name for s in self.params]}")
-
-    def _rank(self, rank: int) -> int:
-        if not isinstance(rank, int) or not 0 <= rank < self.world_size:
-            raise ValueError(f"rank={rank!r} must be an int in [0, {self.world_size})")
-        return rank
-
-    def param(self, name: str) -> ParamSpec:
-        return self.params[self._index(name)]
-
-    @property
-    def errors(self) -> tuple[Problem, ...]:
-        return tuple(p for p in self.problems if p.severity == "error")
-
-    @property
-    def raises(self) -> str | None:
-        """What torch raises for this configuration (its first error), or None if it works."""
-        return self.errors[0].raises if self.errors else None
-
-    @property
-    def bytes_per_rank(self) -> tuple[RankBytes, ...]:
-        return tuple(self.bytes(r) for r in range(self.world_size))
-
-
 @dataclass(frozen=True, kw_only=True)
-class Fsdp1Layout(_Layout):
+class Fsdp1Layout(Layout):
     """One FSDP1 FlatParameter: its unsharded order and every rank's equal chunk."""
 
     params: tuple[ParamSpec, ...]
@@ -160,7 +106,7 @@ class Fsdp1Layout(_Layout):
 
 
 @dataclass(frozen=True, kw_only=True)
-class Fsdp2Layout(_Layout):
+class Fsdp2Layout(Layout):
     """FSDP2: every parameter's dim-0 rows per rank, and the padded rows each rank stores."""
 
     params: tuple[ParamSpec, ...]
@@ -169,13 +115,17 @@ class Fsdp2Layout(_Layout):
     groups: tuple[str, ...]
     """Per parameter: the module whose `fully_shard` call owns it ("" = the root)."""
     row_ranges: tuple[tuple[tuple[int, int], ...], ...]
-    """`row_ranges[i][r]`: rows `[start, stop)` of parameter i on rank r."""
+    """`row_ranges[i][r]`: rows `[start, stop)` of parameter i on rank r (of the whole dim 0)."""
     padded_rows: tuple[int, ...]
-    """Per parameter: dim-0 size of every rank's padded local storage (`ceil(rows / shard_size)`)."""
+    """Per parameter: dim-0 size of every rank's padded local storage (`ceil(tp-local rows / shard_size)`)."""
     problems: tuple[Problem, ...] = ()
     observed_ranks: tuple[int, ...] = ()
     dp_replicate: int = 1
     """R: copies of every shard (HSDP over an (R, S) mesh); 1 is plain FSDP on a 1-D mesh."""
+    tp: int = 1
+    """T: the tensor-parallel dim, last on the (R, S, T) mesh [Note: TP layouts]."""
+    tp_placements: tuple[str | None, ...] = ()
+    """Per parameter: its placement on the "tp" dim, None where the plan leaves it out (empty: all None)."""
 
     version = 2
 
@@ -183,8 +133,21 @@ class Fsdp2Layout(_Layout):
         n = len(self.params)
         if not (len(self.groups) == len(self.row_ranges) == len(self.padded_rows) == n):
             raise ValueError("Fsdp2Layout: groups, row_ranges and padded_rows need one entry per parameter")
+        if self.tp_placements and len(self.tp_placements) != n:
+            raise ValueError("Fsdp2Layout: tp_placements needs one entry per parameter (or none)")
         for ranges in self.row_ranges:
             self._check_mesh(len(ranges))
+
+    def placements(self, name: str) -> tuple[str, ...]:
+        """torch's placements of `name`, e.g. `("_StridedShard(dim=0, sf=2)", "Shard(dim=0)")` for colwise TP."""
+        i = self._index(name)
+        return placements_of(self.tp_placements[i] if self.tp_placements else None, self.dp_replicate, self.tp)
+
+    def cols(self, name: str, rank: int) -> tuple[int, int] | None:
+        """Columns `[start, stop)` of dim 1 held by `rank` under rowwise TP; None: whole rows."""
+        i = self._index(name)
+        placement = self.tp_placements[i] if self.tp_placements else None
+        return tp_cols(self.params[i].shape, placement, self.tp, self._rank(rank) % self.tp)
 
     def rows(self, name: str, rank: int) -> tuple[int, int]:
         """Rows `[start, stop)` of dim 0 of `name` held by `rank` (`start == stop`: empty shard)."""
@@ -193,12 +156,16 @@ class Fsdp2Layout(_Layout):
     def local_shape(self, name: str, rank: int) -> tuple[int, ...]:
         """Shape of `to_local()` on `rank`."""
         start, stop = self.rows(name, rank)
-        return (stop - start,) + self.param(name).shape[1:]
+        cols, shape = self.cols(name, rank), self.param(name).shape
+        return (stop - start,) + ((cols[1] - cols[0],) if cols else shape[1:2]) + shape[2:]
 
     def elements(self, name: str, rank: int) -> torch.Tensor:
         """Flat indices into unsharded `name` that rank `rank` stores (`to_local().flatten()` order)."""
         start, stop = self.rows(name, rank)
-        row_numel = math.prod(self.param(name).shape[1:])
+        shape, cols = self.param(name).shape, self.cols(name, rank)
+        if cols is not None:  # rowwise TP: rows [start, stop) × columns [c0, c1) of a 2-D weight
+            return (torch.arange(start, stop)[:, None] * shape[1] + torch.arange(*cols)[None, :]).flatten()
+        row_numel = math.prod(shape[1:])
         return index_ranges([(start * row_numel, stop * row_numel)])  # rows [start, stop), row-major
 
     def padded_local_shape(self, name: str) -> tuple[int, ...]:
@@ -212,7 +179,7 @@ class Fsdp2Layout(_Layout):
     def bytes(self, rank: int) -> RankBytes:
         real = pad = 0
         for i, spec in enumerate(self.params):
-            row_numel = math.prod(spec.shape[1:])
+            row_numel = math.prod(self.local_shape(spec.name, rank)[1:])
             start, stop = self.row_ranges[i][self._rank(rank)]
             real += (stop - start) * row_numel * spec.itemsize
             pad += (self.padded_rows[i] - (stop - start)) * row_numel * spec.itemsize
@@ -234,7 +201,7 @@ def fsdp1_layout(
     (R, world_size / R) mesh [Note: N-D layouts]. The layout is computed even when
     torch would reject the configuration; `.problems` and `.raises` say why it would.
     """
-    specs = _check_specs(specs)
+    specs = check_specs(specs)
     S = shard_size(world_size, dp_replicate)
     unsharded_dtype = param_dtype or specs[0].dtype
     aligned_numel = ALIGNMENT_BYTES // unsharded_dtype.itemsize if use_orig_params else 0
@@ -279,22 +246,36 @@ def fsdp2_layout(
     parameter belongs to the innermost one. Sharding does not depend on groups;
     dtype checks do (e.g. `groups=("l2", "")` keeps a bf16 `l2` apart).
     `dp_replicate=R > 1` is HSDP on an (R, world_size / R) mesh [Note: N-D layouts];
-    `tp > 1` (tensor parallelism, `tp_plan`) raises NotImplementedError for now.
+    `tp=T > 1` applies `tp_plan` (`{"l1": "colwise", "l2": "rowwise"}`, a model's
+    `base_model_tp_plan`) on a last mesh dim first, (R, S, T) [Note: TP layouts].
     """
-    specs = _check_specs(specs)
-    S = shard_size(world_size, dp_replicate, tp, tp_plan)
+    specs = check_specs(specs)
+    S = shard_size(world_size, dp_replicate, tp)
+    on_tp = tp_placements(specs, tp, tp_plan)
     groups = tuple(groups)
     for g in groups:
         if g and not any(s.name.startswith(g + ".") for s in specs):
             raise ValueError(f"groups: {g!r} owns no parameter; parameters are {[s.name for s in specs]}")
     owner = tuple(_group_of(s.name, groups) for s in specs)
-    rows = [s.shape[0] if s.shape else 1 for s in specs]
+    ranges, padded = [], []
+    for spec, placement in zip(specs, on_tp):
+        rows = spec.shape[0] if spec.shape else 1
+        per = []
+        for rank in range(world_size):
+            _, s, t = mesh_coords(rank, S, tp)
+            first, last = tp_rows(rows, placement, tp, t)  # TP's cut first, then FSDP's chunk of it
+            a, b = chunk_range(last - first, S, s)
+            per.append((first + a, first + b))
+        ranges.append(tuple(per))
+        padded.append(-(-(last - first) // S))
     return Fsdp2Layout(
         params=specs,
         world_size=world_size,
         groups=owner,
-        row_ranges=tuple(per_rank([chunk_range(n, S, s) for s in range(S)], world_size) for n in rows),
-        padded_rows=tuple(-(-n // S) for n in rows),
+        row_ranges=tuple(ranges),
+        padded_rows=tuple(padded),
         problems=fsdp2_problems(specs, owner),
         dp_replicate=dp_replicate,
+        tp=tp,
+        tp_placements=on_tp if tp > 1 else (),
     )

@@ -11,7 +11,7 @@ from fsdp_nb.layout import Fsdp1Layout, Fsdp2Layout, fsdp1_layout, fsdp2_layout
 from fsdp_nb.session.errors import SessionError
 from fsdp_nb.session.results import rank_list
 
-_INSPECT = "__import__('fsdp_nb.layout.inspect', fromlist=['inspect'])"
+_INSPECT = "__import__('fsdp_nb.inspect', fromlist=['inspect'])"  # the public path of layout_of, memory_of
 
 
 def _check_name(name: str) -> str:
