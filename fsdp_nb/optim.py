@@ -47,63 +47,43 @@ def clip_sharded_grads(grads: list, max_norm: float) -> float:
     """Global 2-norm of FSDP2's sharded gradients, clipped to `max_norm`; the same as
     `clip_grad_norm_` over the DTensors, without their per-parameter dispatch.
 
-    Every FSDP2 gradient is a DTensor sharded on dim 0: `(Shard(0),)` on a 1-D mesh,
-    `(Replicate(), Shard(0))` on HSDP's 2-D one, where each row of the mesh holds the
-    whole gradient once. So the squares of the local shards summed over one shard
-    group (the last mesh dim) are the squares of the whole gradient: one foreach
-    kernel, one all-reduce. Through DTensor, the same norm took 28 dispatches and
-    several collectives per step (about 4 ms of the 2-rank benchmark's step).
+    [Note: the norm of sharded gradients]
+    A gradient's local piece is held by c ranks at once: c = world / (pieces the
+    gradient is cut into), where the pieces are the product of the mesh dims that
+    shard it (`Shard`, `_StridedShard`) and a dim that replicates it (HSDP's replicas,
+    `Replicate()` on tp) or a rank outside its mesh (TP peers of a parameter off the
+    plan) holds a copy. So the sum over all ranks of (local squares) / c is |g|^2,
+    for any mix of meshes and placements: one foreach kernel per c, one scalar
+    all-reduce over the world. Through DTensor the same norm took a dispatch per
+    parameter and collectives per (mesh, placements) group, and under TP torch warns
+    about the two sequential all-reduces of each 2-D group.
     """
     if not grads:
         return 0.0
-    mesh = _shard_mesh(grads)
-    if mesh is None:  # parameters FSDP left whole, TP's 2-D placements, or several meshes
-        norm = float(_norm_by_layout(grads))
-        if max_norm != float("inf"):
-            coef = min(max_norm / (norm + 1e-6), 1.0)  # clip_grad_norm_'s coefficient
-            for g in grads:
-                g.mul_(coef)
-        return norm
-    local = [g.to_local() for g in grads]
-    squares = torch.nn.utils.get_total_norm(local, 2.0, foreach=True).pow(2)  # this rank's share of |g|^2
-    if dist.is_initialized():
-        # the shard group: summing down the replicate dim too would count every element R times
-        dist.all_reduce(squares, group=mesh.get_group(mesh.ndim - 1))
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    by_copies: dict[int, list] = {}
+    for g in grads:
+        by_copies.setdefault(_copies(g, world), []).append(g.to_local() if hasattr(g, "to_local") else g)
+    squares = sum(torch.nn.utils.get_total_norm(local, 2.0, foreach=True).pow(2) / c for c, local in by_copies.items())
+    if world > 1:
+        dist.all_reduce(squares)
     norm = squares.sqrt()
     if max_norm != float("inf"):  # g *= min(max_norm / (norm + 1e-6), 1), one foreach kernel
+        local = [t for members in by_copies.values() for t in members]
         torch.nn.utils.clip_grads_with_norm_([_GradHolder(t) for t in local], max_norm, norm, foreach=True)
     return float(norm)
 
 
-def _norm_by_layout(grads: list) -> torch.Tensor:
-    """The 2-norm of `grads` in any mix of layouts: per (mesh, placements) group through DTensor, then summed.
-
-    One `get_total_norm` over all of them stacks the per-tensor norms, which fails
-    ("torch.stack" on DTensors of different meshes) under tensor parallelism: the
-    planned layers live on the (dp, tp) mesh, embeddings and norms on the dp mesh.
-    Each group's norm is made a full tensor (its all-reduce) before they are combined.
-    """
-    from torch.distributed.tensor import DTensor
-
-    groups: dict = {}
-    for g in grads:
-        key = (id(g.device_mesh), tuple(g.placements)) if isinstance(g, DTensor) else None
-        groups.setdefault(key, []).append(g)
-    squares = []
-    for members in groups.values():
-        norm = torch.nn.utils.get_total_norm(members, 2.0, foreach=True)
-        squares.append((norm.full_tensor() if isinstance(norm, DTensor) else norm).pow(2))
-    return torch.stack(squares).sum().sqrt()
-
-
-def _shard_mesh(grads: list):
-    """The one mesh all `grads` are FSDP-sharded on, or None when the shortcut does not apply."""
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-
-    mesh = getattr(grads[0], "device_mesh", None)
-    placements = {1: (Shard(0),), 2: (Replicate(), Shard(0))}.get(getattr(mesh, "ndim", 0))
-    same = all(isinstance(g, DTensor) and g.device_mesh is mesh and g.placements == placements for g in grads)
-    return mesh if placements and same else None
+def _copies(g, world: int) -> int:
+    """How many ranks hold the same local piece of `g` [Note: the norm of sharded gradients]."""
+    mesh = getattr(g, "device_mesh", None)
+    if mesh is None:  # a plain tensor: every rank holds all of it
+        return world
+    pieces = 1
+    for dim, placement in enumerate(g.placements):
+        if getattr(placement, "dim", None) is not None:  # Shard and _StridedShard (whose is_shard() is False)
+            pieces *= mesh.size(dim)
+    return world // pieces
 
 
 class _GradHolder:

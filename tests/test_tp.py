@@ -129,7 +129,23 @@ def test_layer_under_tp_and_fsdp2_is_placed_as_torch_places_it(ranks):
     ours(x[4 * (rank // 2) : 4 * (rank // 2) + 4]).pow(2).mean().backward()  # TP peers: the same 4 rows
     grads = [p.grad for p in ours.parameters()]
     through_torch = refusal(lambda: torch.nn.utils.get_total_norm(grads))
-    norm = clip_sharded_grads(grads, max_norm=0.1)
+    real_all_reduce, calls = torch.distributed.all_reduce, []
+    torch.distributed.all_reduce = lambda *a, **k: calls.append(k) or real_all_reduce(*a, **k)
+    import logging
+    class Kept(logging.Handler):
+        seen = []
+        def emit(self, record):
+            self.seen.append(record.getMessage())
+    dtensor_log = logging.getLogger("torch.distributed.tensor")
+    dtensor_log.addHandler(kept := Kept())
+    try:
+        norm = clip_sharded_grads(grads, max_norm=0.1)
+        clip_logged, collectives = list(kept.seen), len(calls)
+        torch.nn.utils.get_total_norm(grads[:2]).full_tensor()  # l1 alone, through DTensor: it logs
+        dtensor_logged = kept.seen[len(clip_logged):]
+    finally:
+        torch.distributed.all_reduce = real_all_reduce
+        dtensor_log.removeHandler(kept)
     clipped = {n: p.grad.full_tensor() for n, p in ours.named_parameters()}
     """,
     )
@@ -162,6 +178,9 @@ def test_layer_under_tp_and_fsdp2_is_placed_as_torch_places_it(ranks):
     one(torch.randn(8, 4, generator=torch.Generator().manual_seed(1))).pow(2).mean().backward()
     ref_norm = float(torch.nn.utils.get_total_norm([p.grad for p in one.parameters()]))
     assert all(error is not None and "stack" in error[1] for error in ranks.eval("through_torch"))
+    assert ranks.eval("collectives") == [1] * 4  # one scalar all-reduce over two meshes
+    assert ranks.eval("clip_logged") == [[]] * 4  # no "2 sequential all_reduce operations" notice
+    assert all(any("sequential all_reduce" in m for m in logged) for logged in ranks.eval("dtensor_logged"))
     scale = 0.1 / (ref_norm + 1e-6)
     for norm, clipped in zip(ranks.eval("norm"), ranks.eval("clipped")):
         assert norm == pytest.approx(ref_norm, rel=1e-5)

@@ -29,6 +29,11 @@ from collections.abc import Mapping, Sequence
 
 from fsdp_nb.layout.specs import ParamSpec
 
+FSDP1_HAS_NO_TP = (
+    "FSDP1 has no tensor-parallel form: it flattens a unit's whole parameters into one 1-D FlatParameter, "
+    "while TP needs each weight to stay a tensor of its own, cut by rows or columns (a DTensor), which FSDP2 "
+    "then shards again"
+)
 STYLES = ("colwise", "rowwise")  # Hugging Face's words for torch's ColwiseParallel, RowwiseParallel
 TP_SHARD0, TP_SHARD1, TP_REPLICATE = "Shard(dim=0)", "Shard(dim=1)", "Replicate()"  # repr() of torch's placements
 

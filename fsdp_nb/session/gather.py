@@ -58,9 +58,14 @@ def memory(session, name: str, optimizer: str | None = None) -> list:
     return _eval(session, f"{_INSPECT}.memory_of({_check_name(name)}, {opt})", name)
 
 
-def comparison(session, name: str, *, use_orig_params: bool = False) -> tuple[Fsdp1Layout, Fsdp2Layout]:
-    """(FSDP1, FSDP2) layouts for the module `name`: its own version read from the ranks, the other modelled."""
+def comparison(session, name: str, *, use_orig_params: bool = False) -> tuple[Fsdp1Layout | None, Fsdp2Layout]:
+    """(FSDP1, FSDP2) layouts for the module `name`: its own version read from the ranks, the other modelled.
+
+    Under tensor parallelism FSDP1 has no counterpart (`FSDP1_HAS_NO_TP`): the first is None.
+    """
     real = layout(session, name)
+    if isinstance(real, Fsdp2Layout) and real.tp > 1:
+        return None, real
     if isinstance(real, Fsdp1Layout):
         return real, fsdp2_layout(real.params, real.world_size, dp_replicate=real.dp_replicate)
     return fsdp1_layout(

@@ -186,18 +186,23 @@ class FSDPMagics(Magics):
     def fsdp_layout(self, line):
         """Draw how a module in the session is sharded, next to the other FSDP version: %fsdp_layout model"""
         from fsdp_nb import viz
+        from fsdp_nb.layout.tp_plan import FSDP1_HAS_NO_TP
         from fsdp_nb.session import gather
         from fsdp_nb.viz.show import show_figure
 
         args = parse_argstring(self.fsdp_layout, line)
         s = self._session()
         fsdp1, fsdp2 = self._guard(lambda: gather.comparison(s, args.name))
+        real = fsdp1 if fsdp1 is not None and fsdp1.observed_ranks else fsdp2
         print(f"{args.name}: read from the ranks")
-        print(viz.format_layout(fsdp1 if fsdp1.observed_ranks else fsdp2))
-        print("the other version, modelled for the same parameters:")
-        print(viz.format_layout(fsdp2 if fsdp1.observed_ranks else fsdp1))
+        print(viz.format_layout(real))
+        if fsdp1 is None:  # tensor parallel: nothing of FSDP1's to model
+            print(f"{FSDP1_HAS_NO_TP}.")
+        else:
+            print("the other version, modelled for the same parameters:")
+            print(viz.format_layout(fsdp2 if real is fsdp1 else fsdp1))
         if args.figure:
-            show_figure(viz.plot_layout(fsdp1, fsdp2, args.name))  # an HSDP mesh: its R x S grid of ranks
+            show_figure(viz.plot_layout(fsdp1, fsdp2, args.name))  # an HSDP or TP mesh: its grid of ranks
         if args.optimizer is not None:
             reports = self._guard(lambda: gather.memory(s, args.name, args.optimizer or None))
             print(viz.format_memory(reports))

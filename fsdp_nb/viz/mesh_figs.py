@@ -130,16 +130,16 @@ def plot_mesh_layout(layout: Fsdp1Layout | Fsdp2Layout, *, title: str | None = N
     return fig
 
 
-def plot_layout(fsdp1: Fsdp1Layout, fsdp2: Fsdp2Layout, name: str) -> Figure:
+def plot_layout(fsdp1: Fsdp1Layout | None, fsdp2: Fsdp2Layout, name: str) -> Figure:
     """What `%fsdp_layout NAME` draws for a module read from the ranks (the version with `observed_ranks`).
 
-    On a 1-D mesh, FSDP1 above FSDP2 (one of them modelled); on an HSDP mesh (dp_replicate > 1), the
-    R × S grid of ranks of the version read from the ranks.
+    On a 1-D mesh, FSDP1 above FSDP2 (one of them modelled); on an HSDP or TP mesh, the grid of ranks
+    of the version read from the ranks (under TP `fsdp1` is None: FSDP1 has no such form).
     """
     from fsdp_nb.viz.layout_figs import plot_comparison
 
-    real = fsdp1 if fsdp1.observed_ranks else fsdp2
-    if real.dp_replicate > 1:
+    real = fsdp1 if fsdp1 is not None and fsdp1.observed_ranks else fsdp2
+    if real.dp_replicate > 1 or real.tp > 1:
         return plot_mesh_layout(real, title=f"{name}: read from the ranks")
     fig = plot_comparison(fsdp1, fsdp2)
     which = "FSDP1 (read from the ranks) | FSDP2 (modelled)" if fsdp1.observed_ranks else (
