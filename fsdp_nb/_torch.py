@@ -98,6 +98,22 @@ SYMBOLS: tuple[Symbol, ...] = (
     Symbol("torch.distributed.fsdp.wrap._Policy._run_policy", "ask a torch wrap policy object for its units", "torch"),
     Symbol("torch._C._current_graph_task_id", "timeline: is autograd running backward now", "torch"),
     Symbol(
+        "torch.distributed._functional_collectives.all_reduce",
+        "timeline: tensor parallelism's collectives (DTensor calls the functional collectives, looked up at "
+        "call time from this module, not torch.distributed's)",
+        "torch",
+    ),
+    Symbol(
+        "torch.distributed._functional_collectives.wait_tensor",
+        "timeline: the wait on a functional collective's result, which ends its span",
+        "torch",
+    ),
+    Symbol(
+        "torch.distributed._functional_collectives.AsyncCollectiveTensor",
+        "timeline: the async result of a functional collective; its `elem` is what a later wait receives",
+        "torch",
+    ),
+    Symbol(
         "torch.distributed._shard.sharded_tensor.ShardedTensor._init_from_local_shards_and_global_metadata",
         "async saves of FSDP1: a ShardedTensor around copied shards",
         "torch",
@@ -400,6 +416,52 @@ def collective_functions() -> list[tuple[object, str, str]]:
         names = ", ".join(n for n, k in COLLECTIVES.items() if k == kind)
         raise _missing(f"torch.distributed's {kind} ({names})", "time collectives", AttributeError(kind))
     return found
+
+
+# DTensor's functional collectives -> span kind. DTensor (TP's redistributions) calls them as
+# `funcol.all_reduce(...)`, looked up at call time from the module: 2.13 calls the *_single names,
+# older releases the *_tensor ones (deprecated in 2.13, forwarding to *_single). Each returns an
+# AsyncCollectiveTensor at once and the rank blocks in `wait_tensor` when the result is first used.
+# DTensor's Shard(i) -> Shard(j) all-to-all goes through a dispatcher op instead (not seen here);
+# colwise and rowwise plans never run it.
+FUNCTIONAL_MODULE = "torch.distributed._functional_collectives"
+FUNCTIONAL_COLLECTIVES = {
+    "all_reduce": "all_reduce",
+    "all_gather_single": "all_gather",
+    "all_gather_tensor": "all_gather",
+    "reduce_scatter_single": "reduce_scatter",
+    "reduce_scatter_tensor": "reduce_scatter",
+}
+
+
+def functional_collective_functions() -> tuple[object, list[tuple[str, str]]]:
+    """(the functional collectives' module, [(name, kind)] of each collective it has); refuses when some kind,
+    or `wait_tensor`, is missing (tensor parallelism's lanes would stay empty)."""
+    module = resolve(FUNCTIONAL_MODULE)
+    found = [(name, kind) for name, kind in FUNCTIONAL_COLLECTIVES.items() if callable(getattr(module, name, None))]
+    for kind in set(FUNCTIONAL_COLLECTIVES.values()) - {k for _, k in found}:
+        names = ", ".join(n for n, k in FUNCTIONAL_COLLECTIVES.items() if k == kind)
+        raise _missing(f"{FUNCTIONAL_MODULE}'s {kind} ({names})", "time TP's collectives", AttributeError(kind))
+    if not callable(getattr(module, "wait_tensor", None)):
+        raise _missing(f"{FUNCTIONAL_MODULE}.wait_tensor", "time TP's collectives", AttributeError("wait_tensor"))
+    async_type = _async_collective_tensor()  # what `functional_pending` reads, checked before any step runs
+    for attr in ("elem", "completed"):
+        if not hasattr(async_type, attr) and attr not in getattr(async_type, "__annotations__", {}):
+            raise _missing(f"AsyncCollectiveTensor.{attr}", "time TP's collectives", AttributeError(attr))
+    return module, found
+
+
+@functools.cache
+def _async_collective_tensor() -> type:
+    return resolve(f"{FUNCTIONAL_MODULE}.AsyncCollectiveTensor")  # once: this is asked on every collective
+
+
+@_door("AsyncCollectiveTensor.elem / .completed", "time TP's collectives")
+def functional_pending(result) -> torch.Tensor | None:
+    """The tensor a later `wait_tensor` receives for a functional collective's `result`, or None when the
+    collective already waited (a gather along dim > 0 waits inside the call; tracing waits at once)."""
+    async_type = _async_collective_tensor()
+    return result.elem if isinstance(result, async_type) and not result.completed else None
 
 
 def in_backward() -> bool:

@@ -226,10 +226,18 @@ def test_every_accessor_works_on_real_modules():
         assert [p.param_name for p in params][:2] == ["weight", "bias"] and params[0].shard_world == 2
         assert T.fsdp2_group_name(two["fsdp2_group"]) == "blocks.0"
         assert T.fsdp2_gathered_bytes(two["fsdp2_group"]) >= 0
+        module, _ = T.functional_collective_functions()
+        result = module.all_reduce(torch.ones(3), "sum", dist.group.WORLD)  # async: waited at first use
+        pending = T.functional_pending(result)
+        assert torch.is_tensor(pending) and pending.shape == (3,) and module.wait_tensor(pending) is not None
     for version in (1, 2):
         assert all(callable(getattr(owner, name)) for owner, name, _ in T.unit_entry_points(version))
     kinds = {kind for *_, kind in T.collective_functions()}
     assert kinds == {"all_gather", "reduce_scatter", "all_reduce"}
+    module, functional = T.functional_collective_functions()
+    assert {kind for _, kind in functional} == {"all_gather", "reduce_scatter", "all_reduce"}
+    assert all(callable(getattr(module, name)) for name, _ in functional) and callable(module.wait_tensor)
+    assert T.functional_pending(torch.ones(1)) is None  # a plain tensor: nothing left to wait for
     wrapped = T.checkpoint_wrapper(nn.Linear(2, 2))
     assert T.clean_name(next(n for n, _ in wrapped.named_parameters())) == "weight"
     assert T.in_backward() is False

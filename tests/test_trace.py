@@ -147,6 +147,8 @@ def test_tracing_changes_nothing_and_leaves_nothing_behind(session):
         \"\"\"Every function the recorder patches, and the sizes of the global hook tables it adds to.\"\"\"
         patched = [(owner, name) for owner, name, _ in _torch.collective_functions()]
         patched += [(owner, name) for owner, name, _ in _torch.unit_entry_points(version)]
+        functional, names = _torch.functional_collective_functions()  # tensor parallelism's, and their wait
+        patched += [(functional, name) for name, _ in names] + [(functional, "wait_tensor")]
         functions = {(repr(owner), name): getattr(owner, name) for owner, name in patched}
         tables = (hooks._global_forward_pre_hooks, hooks._global_forward_hooks,
                   optim_hooks._global_optimizer_pre_hooks, optim_hooks._global_optimizer_post_hooks)
@@ -168,7 +170,8 @@ def test_tracing_changes_nothing_and_leaves_nothing_behind(session):
     assert session.eval("same_losses") == [{1: True, 2: True}] * 2  # exactly equal, not close
     assert session.eval("untouched") == [{1: True, 2: True}] * 2  # tracing off: torch's own functions, no hooks
     counts = session.eval("counted")[0]
-    assert counts[1] >= 2 * 4 + 2 and counts[2] >= 2 * 4 + 3  # both namespaces' collectives, and FSDP's own
+    # both namespaces' collectives, the functional ones and their wait, and FSDP's own
+    assert counts[1] >= 2 * 4 + 3 + 1 + 2 and counts[2] >= 2 * 4 + 3 + 1 + 3
 
 
 @pytest.mark.timeout(120)

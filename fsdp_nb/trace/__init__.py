@@ -3,7 +3,8 @@
     trace = fsdp_nb.trace_step(trainer, steps=1)        # on every rank: a cell, a script, torchrun
     fsdp_nb.viz.plot_timeline(trace)                     # in the notebook: session.trace("trainer")
 
-`spans` is the data (pure), `capture` the rank-side recorder.
+`spans` is the data (pure), `capture` the rank-side recorder, `tp_collectives` its part that
+records tensor parallelism's collectives.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from torch import nn
 from fsdp_nb._torch import flat_info, fsdp1_root_handle, fsdp2_group, fsdp2_params
 from fsdp_nb.phases import fail_together
 from fsdp_nb.trace.capture import Recorder, _now
-from fsdp_nb.trace.spans import COMMUNICATION, COMPUTE, KINDS, LAUNCH_NOTE, RankTrace, Span, Trace
+from fsdp_nb.trace.spans import COMMUNICATION, COMPUTE, KINDS, LAUNCH_NOTE, TENSOR_PARALLEL, RankTrace, Span, Trace
 
-__all__ = ["COMMUNICATION", "COMPUTE", "KINDS", "RankTrace", "Span", "Trace", "trace_step"]
+__all__ = ["COMMUNICATION", "COMPUTE", "KINDS", "TENSOR_PARALLEL", "RankTrace", "Span", "Trace", "trace_step"]
 
 
 def trace_step(target, *, steps: int = 1, model: nn.Module | None = None, label: str | None = None) -> Trace:

@@ -19,6 +19,9 @@ and costs about 1%:
   inter-node group, each right after the unit's reduce-scatter, both through plain
   `dist.all_reduce`, not functional collectives); it is recorded as "replica_all_reduce",
   apart from the step's own all-reduces (the averaged loss, the gradient norm);
+- tensor parallelism's collectives: DTensor calls the functional collectives, not
+  `torch.distributed`'s; `tp_collectives` wraps them and their `wait_tensor`, and records
+  those inside a unit's forward or backward as "tp_all_reduce", "tp_all_gather", ...;
 - waits: FSDP2's `wait_for_unshard`, where a unit waits for its gather and copies
   it out into the parameters (on CPU gloo the gather is already done: the copy);
 - the optimizer: global optimizer step pre/post hooks;
@@ -49,6 +52,7 @@ from fsdp_nb._torch import (
     unit_entry_points,
 )
 from fsdp_nb.trace.spans import Span
+from fsdp_nb.trace.tp_collectives import FunctionalCollectives
 
 
 def _now() -> float:
@@ -69,6 +73,7 @@ class Recorder:
         # refuses the trace, naming it, instead of drawing empty lanes later.
         self.entry_points = unit_entry_points(self.version)
         self.collectives = collective_functions()
+        self.functional = FunctionalCollectives(self, clock=_now)  # TP: DTensor's functional collectives
         self.probes = _memory_probes(model, self.version)
         self.spans: list[Span] = []
         self.memory: list[tuple[float, int]] = []
@@ -102,6 +107,7 @@ class Recorder:
         self._undo.append(register_optimizer_step_post_hook(self._optimizer_post).remove)
         for namespace, name, kind in self.collectives:
             self._patch(namespace, name, self._collective(getattr(namespace, name), kind))
+        self.functional.install(self._patch)
         for owner, method, kind in self.entry_points:
             self._patch(owner, method, self._naming(getattr(owner, method), kind))
 
@@ -124,6 +130,7 @@ class Recorder:
             return fn()
         finally:
             self._in_step = False
+            self.functional.flush()
             end = _now()
             self.sample(end)
             self.steps.append((start, end))
@@ -132,10 +139,19 @@ class Recorder:
     def sample(self, t: float | None = None) -> None:
         self.memory.append((_now() if t is None else t, sum(probe() for probe in self.probes)))
 
-    def _add(self, kind: str, unit: str, start: float, end: float, phase: str = "", sent=None) -> None:
+    def _add(self, kind: str, unit: str, start: float, end: float, phase: str = "", sent=None, sample=True) -> None:
         dtype, nbytes = ("", 0) if sent is None else (str(sent.dtype).removeprefix("torch."), _nbytes(sent))
         self.spans.append(Span(kind, unit, start, end, phase, self.step, dtype, nbytes))
-        self.sample(end)
+        if sample:
+            self.sample(end)
+
+    def recording(self) -> bool:
+        """In a traced step, on the training thread (a background save's collectives are not the step's)."""
+        return self._in_step and threading.get_ident() == self._thread
+
+    def innermost(self, kind: str) -> str:
+        """The unit whose span of `kind` ("forward", "backward") opened last and is still open; "" is the root."""
+        return next((name for open_kind, name in reversed(self._open) if open_kind == kind), "")
 
     # ---- hooks ---------------------------------------------------------------------------
     def _forward_pre(self, module, args):
@@ -186,8 +202,7 @@ class Recorder:
         def traced(*args, **kwargs):
             # Count once (a deprecated name forwards to a newer one), and only the training thread's:
             # a background checkpoint writes on its own group from its own thread.
-            inside = getattr(self._calls, "inside", False)
-            if inside or not self._in_step or threading.get_ident() != self._thread:
+            if getattr(self._calls, "inside", False) or not self.recording():
                 return fn(*args, **kwargs)
             self._calls.inside = True
             sent = _sent(args, kwargs)

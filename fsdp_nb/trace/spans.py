@@ -13,7 +13,10 @@ from dataclasses import dataclass, field
 COMPUTE = ("forward", "backward")
 # "replica_all_reduce": hybrid sharding's all-reduce of a unit's reduce-scattered gradient across
 # replicas; "all_reduce": any other (the step's averaged loss, the gradient norm).
-COMMUNICATION = ("all_gather", "reduce_scatter", "replica_all_reduce", "all_reduce", "wait")
+# Tensor parallelism's collectives (DTensor's functional collectives), inside a unit's forward or backward:
+# a rowwise layer's output all-reduced in forward, a colwise layer's input gradient in backward, ...
+TENSOR_PARALLEL = ("tp_all_gather", "tp_reduce_scatter", "tp_all_reduce")
+COMMUNICATION = ("all_gather", "reduce_scatter", "replica_all_reduce", "all_reduce", *TENSOR_PARALLEL, "wait")
 KINDS = (*COMPUTE, *COMMUNICATION, "optimizer")
 LAUNCH_NOTE = "CUDA: spans are host launch times, not GPU time; torch.profiler shows the device side"
 
@@ -27,7 +30,8 @@ class Span:
     start: float
     end: float
     phase: str = ""
-    """For collectives: "forward", "backward", "optimizer" or "step" (elsewhere in the step)."""
+    """For collectives: "forward", "backward", "optimizer" or "step" (elsewhere in the step). TP's
+    collectives run from their call to the end of the wait on their result, the rest are the call."""
     step: int = 0
     """Which traced step (0-based) the span belongs to."""
     dtype: str = ""
@@ -105,8 +109,10 @@ class Trace:
             rs, ar = r.count("reduce_scatter") // n, r.count("replica_all_reduce") // n
             step_ms = 1e3 * sum(end - start for start, end in r.steps) / n
             replicas = f", {ar} all-reduces across replicas" if ar else ""  # hybrid sharding only
+            tp_f, tp_b = (sum(r.count(k, phase) for k in TENSOR_PARALLEL) // n for phase in ("forward", "backward"))
+            tp = f"; TP collectives {tp_f} forward + {tp_b} backward" if tp_f or tp_b else ""
             lines.append(
                 f"  rank {r.rank}: {step_ms:.1f} ms per step; all-gathers {ag_f} forward + {ag_b} backward, "
-                f"{rs} reduce-scatters{replicas}"
+                f"{rs} reduce-scatters{replicas}{tp}"
             )
         return "\n".join(lines)

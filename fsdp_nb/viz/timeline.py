@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 
 from fsdp_nb.trace.spans import Trace
+from fsdp_nb.viz.labels import legend_grid, text_width_pt
 
 COLORS = {
     "forward": "#4C72B0",
@@ -24,6 +25,9 @@ COLORS = {
     "reduce_scatter": "#C44E52",
     "replica_all_reduce": "#DA8BC3",
     "all_reduce": "#8172B3",
+    "tp_all_gather": "#937860",
+    "tp_reduce_scatter": "#2A7F62",
+    "tp_all_reduce": "#64B5CD",
     "wait": "#CCB974",
 }
 LABELS = {
@@ -34,8 +38,12 @@ LABELS = {
     "reduce_scatter": "reduce-scatter",
     "replica_all_reduce": "all-reduce across replicas",
     "all_reduce": "all-reduce",
+    "tp_all_gather": "TP all-gather",
+    "tp_reduce_scatter": "TP reduce-scatter",
+    "tp_all_reduce": "TP all-reduce",
     "wait": "wait",
 }
+LEGEND_PT = 8.33  # matplotlib's "small" at its default 10 pt
 _MEMORY_COLORS = ("#1f1f1f", "#7f7f7f", "#bcbd22", "#17becf", "#9467bd", "#8c564b", "#e377c2", "#ff7f0e")
 
 
@@ -67,8 +75,16 @@ def plot_timeline(
     axes[-1].set_xlabel("time in the step (ms)")
     kinds = [k for k in COLORS if any(s.kind == k for t in traces for r in t.ranks for s in r.spans)]
     handles = [Patch(color=COLORS[k], label=LABELS[k]) for k in kinds]
-    fig.legend(handles=handles, loc="outside upper center", ncols=len(handles), fontsize="small", frameon=False)
+    columns = _legend_columns([LABELS[k] for k in kinds], width)
+    fig.legend(handles=handles, loc="outside upper center", ncols=columns, fontsize=LEGEND_PT, frameon=False)
     return fig
+
+
+def _legend_columns(labels: list[str], width: float) -> int:
+    """All in one row while it fits the figure's width (FSDP's kinds), else an even grid (TP's kinds added)."""
+    em = LEGEND_PT  # each entry: a 2 em handle, 0.8 em gap, its text; 2 em between entries
+    row = sum(2.8 * em + text_width_pt(t, LEGEND_PT) for t in labels) + 2.0 * em * len(labels)  # + the borders
+    return max(1, len(labels)) if row <= width * 72 else legend_grid(labels, width, LEGEND_PT)[0]
 
 
 def _lanes(ax, trace: Trace, label: str) -> None:
