@@ -1,4 +1,4 @@
-"""Shared fixtures: ONE real 2-rank gloo session for the whole test run.
+"""Shared fixtures: ONE real 2-rank gloo session for the whole test run, and one of 4 ranks.
 
 Tests that break the session (dead ranks, stuck collectives) leave it BROKEN; the
 `session` fixture restarts it before the next test, so every test starts READY.
@@ -30,14 +30,33 @@ def _shared_session():
     s.close()
 
 
+def ready(session):
+    """`session`, READY: restarted if an earlier test broke it, started again if it was closed."""
+    from fsdp_nb.session import State
+
+    if session.state != State.READY:
+        session.restart() if session.state != State.CLOSED else session.start()
+    return session
+
+
 @pytest.fixture
 def session(_shared_session):
     """The shared 2-rank session, READY (restarted if an earlier test broke it)."""
-    from fsdp_nb.session import State
+    return ready(_shared_session)
 
-    if _shared_session.state != State.READY:
-        _shared_session.restart() if _shared_session.state != State.CLOSED else _shared_session.start()
-    return _shared_session
+
+@pytest.fixture(scope="session")
+def session4():
+    """ONE 4-rank session for every module that needs 4 ranks (HSDP, TP, their traces and checkpoints).
+
+    Started when a module first asks for it; each module runs its own setup cell on it and
+    takes it READY (`ready`), so the modules share one start of 4 ranks instead of one each.
+    """
+    from fsdp_nb import Session
+
+    s = Session(4, timeout=60)
+    yield s
+    s.close()
 
 
 def _shell():

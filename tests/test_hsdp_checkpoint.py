@@ -80,15 +80,13 @@ def run(session, *cells: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def done(_shared_session, tmp_path_factory):
+def done(_shared_session, session4, tmp_path_factory):
     """Every save and load, run once: `saved` {checkpoint: (state, losses on from it)}, `loaded` {case:
     (checkpoint, state, losses on from it)}, the checkpoints' `root`, and FSDP1 hybrid's sharded value types."""
-    from fsdp_nb.session import State
+    from conftest import ready
 
     root = tmp_path_factory.mktemp("hsdp-checkpoints")
-    two = _shared_session
-    if two.state != State.READY:
-        two.restart() if two.state != State.CLOSED else two.start()
+    two = ready(_shared_session)
     saved, loaded = {}, {}
 
     def collect(session):
@@ -100,12 +98,11 @@ def done(_shared_session, tmp_path_factory):
     three = Session(3, timeout=60)
     try:
         run(three, *cells, "save_as('fsdp2-w3', fsdp_version=2)")
-        four = Session(4, timeout=60)
-        try:
-            run(
-                four,
-                *cells,
-                f"""
+        four = ready(session4)  # the shared one: left open for the other 4-rank modules
+        run(
+            four,
+            *cells,
+            f"""
             save_as('hsdp2', **{HSDP2!r})
             load_as('fsdp1-w2 -> hsdp2', 'fsdp1-w2', **{HSDP2!r})
             load_as('fsdp2-w3 -> hsdp2', 'fsdp2-w3', **{HSDP2!r})
@@ -119,11 +116,9 @@ def done(_shared_session, tmp_path_factory):
             model, _ = build_with(**{HYBRID1!r})
             hybrid1_sharded_types = sorted({{type(v).__name__ for v in get_model_state_dict(model).values()}})
             """,
-            )
-            collect(four)
-            hybrid1_types = four.eval("hybrid1_sharded_types")[0]
-        finally:
-            four.close()
+        )
+        collect(four)
+        hybrid1_types = four.eval("hybrid1_sharded_types")[0]
         run(three, "load_as('hsdp2 -> fsdp2-w3', 'hsdp2', fsdp_version=2)")
         collect(three)
     finally:

@@ -69,14 +69,12 @@ def test_tp_peers_share_a_data_parallel_rank():
 
 
 @pytest.fixture(scope="module")
-def ranks():
-    """One 4-rank session for this module."""
-    from fsdp_nb import Session
+def ranks(session4):
+    """The shared 4-rank session, with this module's setup run on it."""
+    from conftest import ready
 
-    s = Session(4, timeout=60)
-    run(s, RANK_SETUP)
-    yield s
-    s.close()
+    run(ready(session4), RANK_SETUP)
+    return session4
 
 
 def run(session, *sources: str):

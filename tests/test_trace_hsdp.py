@@ -40,17 +40,14 @@ traces = {label: trace_step(trainer(**fsdp), steps=1, label=label) for label, fs
 
 
 @pytest.fixture(scope="module")
-def traces():
-    """One 4-rank session: one traced Trainer step per config, then closed."""
-    from fsdp_nb import Session
+def traces(session4):
+    """On the shared 4-rank session: one traced Trainer step per config."""
+    from conftest import ready
 
-    s = Session(4, timeout=60)
-    try:
-        s.push(configs=CONFIGS)
-        s.run(textwrap.dedent(SETUP), output=Silent()).raise_errors()
-        yield s.eval("traces")[0]
-    finally:
-        s.close()
+    s = ready(session4)
+    s.push(configs=CONFIGS)
+    s.run(textwrap.dedent(SETUP), output=Silent()).raise_errors()
+    return s.eval("traces")[0]
 
 
 @pytest.mark.timeout(120)
