@@ -256,3 +256,26 @@ def test_layout_model_equals_what_torch_built_on_real_ranks(ranks):
             for name, local in values[key].items():
                 assert read.placements(name) == lay.placements(name), name
                 assert torch.equal(local, lay.elements(name, rank)), (key, name, rank)
+
+
+def test_layout_magic_on_a_tp_module_draws_its_grid_and_says_why_fsdp1_has_none(ranks, capsys, monkeypatch):
+    from conftest import _shell
+
+    from fsdp_nb.layout.tp_plan import FSDP1_HAS_NO_TP
+    from fsdp_nb.session import session as module
+
+    run(ranks, "torch.manual_seed(0); tp_for_magic = shard(Layer(), FSDPConfig(tp_size=2))")
+    shown = []
+    monkeypatch.setattr("fsdp_nb.viz.show.show_figure", shown.append)
+    shell, saved = _shell(), module._current
+    ranks.activate()
+    try:
+        shell.run_line_magic("fsdp_layout", "tp_for_magic --memory")
+    finally:
+        module._current = saved
+    out = capsys.readouterr().out
+    assert "rank 1: l1.weight[3:5] l1.bias[3:5] l2.weight[0:3]" in out  # TP piece t=1, then shard s=0
+    assert out.count(FSDP1_HAS_NO_TP) == 1 and "modelled for the same parameters" not in out
+    texts = [t.get_text() for t in shown[0].findobj(lambda a: hasattr(a, "get_text"))]
+    assert any("_StridedShard(dim=0, sf=2)" in t for t in texts), texts  # the mesh grid, with its placements
+    assert len(shown) == 2  # the layout, then the memory per rank
