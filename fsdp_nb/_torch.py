@@ -20,6 +20,7 @@ Every entry holds on torch 2.10 through 2.14.1 (`SUPPORTED_TORCH`, checked again
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -119,6 +120,11 @@ SYMBOLS: tuple[Symbol, ...] = (
         "torch",
     ),
     Symbol("torch.distributed._shard.sharded_tensor.Shard", "the shards of that ShardedTensor", "torch"),
+    Symbol(
+        "torch.distributed.tensor._redistribute.logger",
+        "hide DTensor's notice about sequential all-gathers while a checkpoint gathers (dp, tp) parameters",
+        "torch",
+    ),
 )
 
 
@@ -503,3 +509,15 @@ def sharded_tensor_like(obj, local_tensors: list[torch.Tensor]):
     shards = [module.Shard(t, s.metadata) for t, s in zip(local_tensors, obj.local_shards())]
     build = resolve("torch.distributed._shard.sharded_tensor.ShardedTensor._init_from_local_shards_and_global_metadata")
     return build(shards, obj.metadata())
+
+
+# ---- DTensor's log -------------------------------------------------------------------------
+
+REDISTRIBUTE_LOGGER = "torch.distributed.tensor._redistribute"  # the module whose `logger` the Symbol names
+
+
+def redistribute_logger() -> logging.Logger:
+    """The logger through which DTensor says, once per mesh and process, that gathering a parameter
+    sharded over (dp_shard, tp) takes two all-gathers. By name, so a torch that moved the module costs
+    only a notice shown again (`tests/test_torch_internals.py` checks that the name still holds)."""
+    return logging.getLogger(REDISTRIBUTE_LOGGER)

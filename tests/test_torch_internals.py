@@ -241,6 +241,7 @@ def test_every_accessor_works_on_real_modules():
     wrapped = T.checkpoint_wrapper(nn.Linear(2, 2))
     assert T.clean_name(next(n for n, _ in wrapped.named_parameters())) == "weight"
     assert T.in_backward() is False
+    assert T.redistribute_logger() is T.resolve("torch.distributed.tensor._redistribute.logger")  # the same logger
 
 
 def test_the_wrapper_names_are_torchs_own():

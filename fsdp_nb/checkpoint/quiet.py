@@ -10,6 +10,13 @@ hundreds of lines, with paths into site-packages, that the user can do nothing a
 installed process-wide: a filter added at import would also hide the same warnings
 from the user's own code, and `warnings.filters` would differ from what they set.
 
+One more is logged rather than warned: under tensor parallelism, DTensor notes (once
+per mesh and process, on every rank) that gathering a parameter sharded over
+(dp_shard, tp) takes two all-gathers, "suboptimal", which a FULL_STATE_DICT save
+under TP prints as four lines of torch internals. `quiet()` drops that record from
+DTensor's logger for the length of the block, and nothing else it logs (torch then
+counts the notice as given: it is about speed, and says nothing of the result).
+
 `warnings.catch_warnings` swaps a process-global list, so two threads inside it at
 once can leave each other's filters behind. Only the calling thread of a save or a
 load enters it; the background thread of an async save never does (it calls no
@@ -18,11 +25,14 @@ torch code that warns: it writes a state that is already taken).
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+
+from fsdp_nb._torch import redistribute_logger
 
 # Each a regular expression matched at the start of the message (what `filterwarnings` does).
 CHATTER = (
@@ -32,6 +42,13 @@ CHATTER = (
     r"FSDP\.state_dict_type\(\) and FSDP\.set_state_dict_type\(\) are being deprecated",
     "TypedStorage is deprecated",  # torch 2.10's DCP writer calls Tensor.storage() on what it writes
 )
+# Logged by DTensor's redistribution (a logging record, not a warning): the start of its message.
+LOGGED_CHATTER = ("While redistributing from",)
+
+
+class _DropChatter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(LOGGED_CHATTER)
 
 
 def before_background_write() -> None:
@@ -50,8 +67,13 @@ def before_background_write() -> None:
 
 @contextmanager
 def quiet() -> Iterator[None]:
-    """Inside the block, torch's CHATTER is not shown; every other warning is."""
-    with warnings.catch_warnings():
-        for message in CHATTER:
-            warnings.filterwarnings("ignore", message=message)
-        yield
+    """Inside the block, torch's CHATTER and LOGGED_CHATTER are not shown; every other warning is."""
+    logger, drop = redistribute_logger(), _DropChatter()
+    logger.addFilter(drop)
+    try:
+        with warnings.catch_warnings():
+            for message in CHATTER:
+                warnings.filterwarnings("ignore", message=message)
+            yield
+    finally:
+        logger.removeFilter(drop)
