@@ -19,7 +19,6 @@ import textwrap
 
 import pytest
 
-from fsdp_nb import Session
 from fsdp_nb.layout import fsdp1_layout, fsdp2_layout, specs_of
 from fsdp_nb.models import GPT, GPTConfig, Layer
 from fsdp_nb.session.output import Silent
@@ -58,18 +57,17 @@ def built(kind, fsdp):
 
 
 @pytest.fixture(scope="module")
-def measured():
-    """`session.memory` of every case, read on ONE 4-rank session: {(kind, fsdp): [MemoryReport per rank]}."""
-    session = Session(4, timeout=60)
-    try:
-        session.run(textwrap.dedent(SETUP), output=Silent()).raise_errors()
-        found = {}
-        for i, case in enumerate(CASES):
-            session.run(f"model_{i} = built(*{case!r})", output=Silent()).raise_errors()
-            found[case] = session.memory(f"model_{i}")
-        return found
-    finally:
-        session.close()
+def measured(session4):
+    """`session.memory` of every case, read on the shared 4-rank session: {(kind, fsdp): [MemoryReport per rank]}."""
+    from conftest import ready
+
+    session = ready(session4)
+    session.run(textwrap.dedent(SETUP), output=Silent()).raise_errors()
+    found = {}
+    for i, case in enumerate(CASES):
+        session.run(f"memory_case_{i} = built(*{case!r})", output=Silent()).raise_errors()
+        found[case] = session.memory(f"memory_case_{i}")
+    return found
 
 
 def _unit_specs(kind: str) -> list[tuple]:
