@@ -1,6 +1,6 @@
 """Peak memory of each tutorial: the kernel and its ranks together, against Binder's ~2 GB.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/notebook_memory.py
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/notebook_memory.py [--only 05]
 
 Runs every notebook under nbclient (as nbval does) and samples, every 0.1 s, the
 proportional set size (PSS: resident memory, with pages shared between processes,
@@ -71,9 +71,14 @@ def measure(path: Path) -> tuple[int, int]:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--only", default="", help="run only the tutorials whose file name contains this")
+    args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ["FSDP_NB_COLLATE"] = "1"
-    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+    for path in sorted(p for p in (ROOT / "notebooks").glob("*.ipynb") if args.only in p.name):
         peak, base = measure(path)
         print(
             f"{path.name:<40} peak {peak / 2**20:7.0f} MiB (kernel and ranks; a fresh kernel: {base / 2**20:.0f} MiB)"
