@@ -233,6 +233,14 @@ EXPLORER_CASES = (
         for world in (1, 3, 8)
     ]
     + [pytest.param(dict(world_size=3, freeze_l1=True, l2_bf16=True, fsdp2_per_layer=False), id="rejected")]
+    + [  # the mesh controls: HSDP, FSDP + TP (the (R, S, T) figure under FSDP1's sentence), both, FSDP1 alone
+        pytest.param(dict(world_size=world, dp_replicate=R, tp=T, version=version), id=f"v{version}-{R}x{S}x{T}")
+        for R, S, T in [(2, 4, 1), (4, 2, 1), (1, 1, 2), (1, 2, 2), (2, 2, 2), (1, 4, 2)]
+        for world in [R * S * T]
+        for version in ("1", "2", "both")
+        if T > 1 or version == "both"
+    ]
+    + [pytest.param(dict(world_size=8, tp=2, d_in=32, d_hidden=32, d_out=32), id="widest-tp")]
 )
 
 
@@ -264,6 +272,18 @@ def test_explorer_static_picture_is_readable_and_says_to_run_the_cell():
     assert "run the cell for the controls" in note.get_text()  # in the pixels: JupyterLab and GitHub show those
     smallest = min(d.text.get_fontsize() * 100 / 72 * min(1.0, AREA_PX / png.width) for d in seen)
     assert smallest >= MIN_PX
+    assert not overlapping(seen) and not cut_off(seen)
+
+
+@pytest.mark.parametrize("settings", [dict(world_size=8, dp_replicate=2, tp=2), dict(world_size=4, dp_replicate=2)])
+def test_explorer_static_picture_of_a_mesh_is_readable_and_says_to_run_the_cell(settings):
+    fig = Explorer(ExplorerSettings(**settings)).first
+    fig.set_dpi(DPI)
+    assert fig.get_size_inches()[0] * DPI <= AREA_PX  # saved at 100 dpi: shown 1:1, not shrunk
+    seen = drawn_texts(fig)
+    (note,) = [d.text for d in seen if d.text.get_gid() == "note"]
+    assert "run the cell for the controls" in note.get_text()
+    assert min(shown_px(fig, d.text) for d in seen) >= MIN_PX
     assert not overlapping(seen) and not cut_off(seen)
 
 

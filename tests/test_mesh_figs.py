@@ -1,12 +1,15 @@
 """The (R, S) mesh figure: readable in a 950 px output area, replicas coloured as their shard peer, and chosen
-by `%fsdp_layout` for an HSDP layout. Read back from what was drawn (texts, patches, gids)."""
+by `%fsdp_layout` for an HSDP layout; with tensor parallelism, the (R, S, T) figure: readable too, colours that
+say which ranks hold the same data, maps that show the stride. Read back from what was drawn (texts, patches, gids)."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 
 import pytest
+import torch
 from matplotlib.colors import to_rgba
 from test_figure_sizes import AREA_PX, DPI, MIN_PX, cut_off, drawn_texts, overlapping, shown_px
 
@@ -16,6 +19,7 @@ from fsdp_nb.viz import plot_layout, plot_mesh_layout
 from fsdp_nb.viz.labels import FitText
 
 MODELS = {"Layer": lambda: specs_of(Layer()), "GPT": lambda: specs_of(GPT(GPTConfig.debug()))}
+CELL = re.compile(r".+/rank\d+")
 MESHES = [(R, S) for R in range(2, 9) for S in range(1, 9) if R * S <= 8]  # HSDP: R > 1
 
 
@@ -30,8 +34,8 @@ def layout(version: int, model: str, R: int, S: int):
 
 
 def cells(fig) -> dict[str, tuple]:
-    """gid "<panel>/rank<r>" -> facecolour of every cell drawn."""
-    return {p.get_gid(): p.get_facecolor() for ax in fig.axes for p in ax.patches if "/rank" in (p.get_gid() or "")}
+    """gid "<panel>/rank<r>" -> facecolour of every cell drawn (not the TP maps' "<panel>/rank<r>/map" and "/held")."""
+    return {p.get_gid(): p.get_facecolor() for ax in fig.axes for p in ax.patches if CELL.fullmatch(p.get_gid() or "")}
 
 
 # GPT at FSDP2 has 28 panels; the Layer at every mesh and version covers the shapes, GPT the big cases.
@@ -108,3 +112,107 @@ def test_fsdp_layout_draws_the_mesh_of_the_version_read_from_the_ranks_when_it_i
         len(flat.axes) == 2
         and flat._suptitle.get_text() == "m on 4 ranks: FSDP1 (modelled) | FSDP2 (read from the ranks)"
     )
+
+
+# ---- tensor parallel: the (R, S, T) mesh ---------------------------------------------------------------------------
+PLANS = {"Layer": Layer.base_model_tp_plan, "GPT": GPT.base_model_tp_plan}
+TP_MESHES = [(1, 2, 2), (2, 2, 2), (1, 4, 2), (1, 1, 2)]  # (R, S, T)
+
+
+def tp_layout(model: str, R: int, S: int, T: int):
+    return fsdp2_layout(specs(model), R * S * T, dp_replicate=R, tp=T, tp_plan=PLANS[model])
+
+
+def patches(fig) -> dict:
+    return {p.get_gid(): p for ax in fig.axes for p in ax.patches if p.get_gid()}
+
+
+@pytest.mark.parametrize("model", ["Layer", "GPT"])
+@pytest.mark.parametrize("R, S, T", TP_MESHES, ids=lambda v: str(v))
+def test_tp_mesh_labels_are_readable_apart_and_whole_and_name_rows_columns_placements(model, R, S, T):
+    lay = tp_layout(model, R, S, T)
+    fig = plot_mesh_layout(lay)
+    fig.set_dpi(DPI)
+    assert fig.get_size_inches()[0] * DPI <= AREA_PX
+    seen = drawn_texts(fig)
+    small = {d.text.get_text(): round(shown_px(fig, d.text), 2) for d in seen if shown_px(fig, d.text) < MIN_PX}
+    assert not small, f"labels under {MIN_PX} px at 950 px: {small}"
+    assert not overlapping(seen)
+    assert not cut_off(seen)
+    labels = {d.text.get_gid(): d.text.get_text() for d in seen if isinstance(d.text, FitText)}
+    assert len(labels) == len(lay.params) * lay.world_size  # every cell labelled, in its full form
+    for p in lay.params:
+        for rank in range(lay.world_size):
+            start, stop = lay.rows(p.name, rank)
+            cols = lay.cols(p.name, rank)
+            want = f"rank {rank}\n" + (f"rows {start}:{stop}" if stop > start else "empty")
+            want += f"\ncols {cols[0]}:{cols[1]}" if cols and stop > start else ""
+            assert labels[f"{p.name}/rank{rank}"] == want
+    texts = [d.text.get_text() for d in seen]
+    for i, p in enumerate(lay.params):  # each panel's title: name, role, torch's placements
+        (panel,) = [t for t in texts if t.startswith(f"{p.name} {tuple(p.shape)}")]
+        assert f"({', '.join(lay.placements(p.name))})" in panel
+        assert ("off the plan" in panel) == (lay.tp_placements[i] is None)
+    title = [d.text.get_text() for d in seen if d.text.get_gid() == "title"][0]
+    assert (f"{R} × {S} × {T} mesh" if R > 1 else f"{S} × {T} mesh") in title
+    assert f"{sum(t is None for t in lay.tp_placements)} of {len(lay.params)} parameters are off the TP plan" in title
+
+
+@pytest.mark.parametrize("R, S, T", TP_MESHES + [(1, 2, 4), (2, 1, 4)], ids=lambda v: str(v))
+def test_tp_colours_say_which_ranks_hold_the_same_data(R, S, T):
+    """Same colour exactly when two ranks (with data) hold the same elements: replicas, and TP peers where TP
+    does not cut (off the plan, a rowwise bias); TP peers of a cut parameter, and shard indices, differ."""
+    model = "Layer" if T == 2 else "GPT"  # Layer's hidden size 6 does not split 4 ways
+    lay = tp_layout(model, R, S, T)
+    colors = cells(plot_mesh_layout(lay))
+    assert len(colors) == len(lay.params) * lay.world_size
+    kinds = set()
+    for p in lay.params:
+        full = [r for r in range(lay.world_size) if lay.rows(p.name, r)[1] > lay.rows(p.name, r)[0]]
+        for a in full:
+            for b in full:
+                same_data = torch.equal(lay.elements(p.name, a), lay.elements(p.name, b))
+                same_colour = to_rgba(colors[f"{p.name}/rank{a}"]) == to_rgba(colors[f"{p.name}/rank{b}"])
+                assert same_data == same_colour, (p.name, a, b)
+                kinds.add((same_data, a // T == b // T))  # (same data, TP peers)
+    assert (True, True) in kinds and (False, True) in kinds  # TP peers of both kinds were compared
+
+
+def test_tp_maps_show_the_stride_the_rows_and_the_columns():
+    """Each cell's map places the held block where the rank's rows (and columns) lie in the whole parameter:
+    for a colwise weight, shard 0 holds the top of every TP chunk, which is the stride."""
+    lay = tp_layout("Layer", 1, 2, 2)
+    drawn = patches(plot_mesh_layout(lay))
+    for p in lay.params:
+        rows = p.shape[0]
+        ncols = p.shape[1] if len(p.shape) > 1 else 1
+        for rank in range(lay.world_size):
+            box = drawn[f"{p.name}/rank{rank}/map"]
+            held = drawn[f"{p.name}/rank{rank}/held"]
+            start, stop = lay.rows(p.name, rank)
+            c0, c1 = lay.cols(p.name, rank) or (0, ncols)
+            top = box.get_y() + box.get_height()
+            assert (top - (held.get_y() + held.get_height())) / box.get_height() == pytest.approx(start / rows)
+            assert held.get_height() / box.get_height() == pytest.approx((stop - start) / rows)
+            assert (held.get_x() - box.get_x()) / box.get_width() == pytest.approx(c0 / ncols)
+            assert held.get_width() / box.get_width() == pytest.approx((c1 - c0) / ncols)
+    # the worked example: ranks 0 and 1 (shard 0) start their TP chunks; ranks 2 and 3 (shard 1) follow on
+    first = [lay.rows("l1.weight", r)[0] for r in range(4)]
+    assert first[0] == 0 and first[1] == 6 // 2 and first[2] > first[0] and first[3] > first[1]
+
+
+def test_an_empty_tp_shard_is_hatched_and_holds_no_block():
+    lay = tp_layout("Layer", 1, 4, 2)  # l1's 3 TP rows over 4 shards: shard 3 holds none
+    drawn = patches(plot_mesh_layout(lay))
+    empty = [r for r in range(8) if lay.rows("l1.weight", r)[0] == lay.rows("l1.weight", r)[1]]
+    assert empty and all(drawn[f"l1.weight/rank{r}"].get_hatch() for r in empty)
+    assert not any(f"l1.weight/rank{r}/held" in drawn for r in empty)
+    assert all(f"l1.weight/rank{r}/held" in drawn for r in set(range(8)) - set(empty))
+
+
+def test_fsdp_layout_draws_a_tp_layout_read_from_the_ranks_on_its_mesh():
+    s = specs("Layer")
+    tp = fsdp2_layout(s, 4, tp=2, tp_plan=Layer.base_model_tp_plan)
+    fig = plot_layout(fsdp1_layout(s, 4), dataclasses.replace(tp, observed_ranks=(0, 1, 2, 3)), "model")
+    assert set(cells(fig)) == {f"{p.name}/rank{r}" for p in s for r in range(4)}
+    assert "model: read from the ranks" in [t.get_text() for t in fig.axes[0].texts if t.get_gid() == "title"][0]

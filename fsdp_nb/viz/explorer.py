@@ -4,10 +4,19 @@
 text). `Explorer` only wires ipywidgets controls to it; tests drive
 `Explorer.update()` after setting widget values and read `.figure` and `.text`.
 
-The figure is always `FIGURE_INCHES` wide, the width of a notebook's output area
-(~950 px), whatever the number of panels: the SVG is scaled to that width, so 1 pt
+The mesh controls (replicas, tp) put FSDP, HSDP and FSDP + TP side by side at one world
+size; the text gives every layout's bytes per rank, the number that differs between them.
+With tp > 1 the picture is the (R, S, T) mesh figure of `tp_figs` and FSDP1 gets a sentence
+instead of a panel: it has no TP form [Note: TP layouts]. Settings that the mesh cannot take
+(a tp or replica count that does not divide the world size, a tp that does not divide the
+layer's hidden size) are refused by `ExplorerSettings` in one line, which the widget shows
+in place of the picture.
+
+The 1-D / HSDP figure is always `FIGURE_INCHES` wide, the width of a notebook's output
+area (~950 px), whatever the number of panels: the SVG is scaled to that width, so 1 pt
 of the figure is 950 / (9.5 * 72) = 1.39 px on screen, and every label (7 pt at
-least) is 9.7 px or more.
+least) is 9.7 px or more. The TP figure is at most 9.4 in wide and scaled the same way:
+its labels only grow.
 """
 
 from __future__ import annotations
@@ -17,7 +26,6 @@ import html
 import io
 import os
 import re
-import textwrap
 from dataclasses import dataclass, fields
 
 import torch
@@ -25,18 +33,26 @@ from matplotlib import rc_context
 from matplotlib.figure import Figure
 
 from fsdp_nb.layout import ParamSpec, fsdp1_layout, fsdp2_layout
-from fsdp_nb.viz.labels import AREA_INCHES
-from fsdp_nb.viz.layout_figs import draw_fsdp1, draw_fsdp2
-from fsdp_nb.viz.tables import format_fsdp1
+from fsdp_nb.layout.mesh_layout import shard_size
+from fsdp_nb.models import Layer
+from fsdp_nb.viz.explorer_views import FIGURE_INCHES, NO_TP_FSDP1, STATIC_DPI, draw_view, text_view
+
+__all__ = [  # FIGURE_INCHES and NO_TP_FSDP1 live in explorer_views; benchmarks and tests read them here
+    "FIGURE_INCHES",
+    "NOTE",
+    "NO_TP_FSDP1",
+    "STATIC_DPI",
+    "Explorer",
+    "ExplorerSettings",
+    "explore",
+    "layer_specs",
+    "picture",
+    "render",
+    "svg_markup",
+]
 
 VERSIONS = ("1", "2", "both")
 MAX_DIM = 32
-FIGURE_INCHES = (AREA_INCHES, 3.6)
-"""Width and height of the redrawn figure, one panel or two."""
-MARGINS = (0.95, 0.1, 0.1, 0.55)
-"""Inches around each panel's axes (left, right, bottom, top): row labels on the left, titles on top."""
-STATIC_DPI = 100
-"""The static picture (PNG) is as wide as the output area: 950 px, labels 9.7 px and more."""
 NOTE = "A picture of the explorer's first state: run the cell for the controls"
 
 
@@ -46,6 +62,10 @@ class ExplorerSettings:
 
     world_size: int = 2
     """Ranks to shard over, 1 to 8."""
+    dp_replicate: int = 1
+    """R: replicas of every shard (HSDP); R · tp must divide world_size."""
+    tp: int = 1
+    """T: tensor-parallel ranks, with `Layer.base_model_tp_plan` (l1 colwise, l2 rowwise); divides d_hidden."""
     d_in: int = 4
     """`l1` input features."""
     d_hidden: int = 6
@@ -72,6 +92,20 @@ class ExplorerSettings:
                 raise ValueError(f"ExplorerSettings: {name}={value!r} must be an int in 1..{MAX_DIM}")
         if self.version not in VERSIONS:
             raise ValueError(f"ExplorerSettings: version={self.version!r} must be one of {VERSIONS}")
+        for name in ("dp_replicate", "tp"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 8:
+                raise ValueError(f"ExplorerSettings: {name}={value!r} must be an int in 1..8")
+        try:
+            shard_size(self.world_size, self.dp_replicate, self.tp)
+        except ValueError as e:  # already one line, with the values accepted
+            raise ValueError(f"ExplorerSettings: {e}") from None
+        if self.d_hidden % self.tp:
+            fits = [t for t in range(1, 9) if self.world_size % (self.dp_replicate * t) == 0 and self.d_hidden % t == 0]
+            raise ValueError(
+                f"ExplorerSettings: tp={self.tp} cuts l1's rows (colwise) and l2's columns (rowwise), "
+                f"{self.d_hidden} each (hidden): tp must divide {self.d_hidden}; accepted here: {fits}"
+            )
 
 
 def layer_specs(s: ExplorerSettings) -> tuple[ParamSpec, ...]:
@@ -86,76 +120,28 @@ def layer_specs(s: ExplorerSettings) -> tuple[ParamSpec, ...]:
     return tuple(specs)
 
 
-def _verdict(layout, version: int, s: ExplorerSettings) -> str:
-    """Plain-text verdict: what torch raises and why, or why it works."""
-    if layout.raises:
-        first = layout.errors[0]
-        return _wrapped(f"FSDP{version}: torch raises {first.when}:\n  {first.raises}\n  why: {first.message}")
-    lines = [f"FSDP{version}: works."]
-    if version == 2:
-        lines.append("  Each parameter is its own DTensor sharded on dim 0; no FlatParameter to keep uniform.")
-        if s.freeze_l1:
-            lines.append("  l1's DTensors keep requires_grad=False: no gradient, no optimizer state for them.")
-        if s.l2_bf16:
-            lines.append(
-                "  l2 is bf16 in its own fully_shard group, so its all-gather runs in bf16 apart from "
-                "the fp32 layers (the forward still needs matching dtypes, e.g. torch.autocast)."
-            )
-    lines += [f"  warning: {p.message}" for p in layout.problems if p.severity == "warning"]
-    return _wrapped("\n".join(lines))
-
-
-def _wrapped(text: str, width: int = 110) -> str:
-    """Long lines folded at word boundaries, continuation lines indented under their line's text."""
-    out = []
-    for line in text.splitlines():
-        indent = " " * (len(line) - len(line.lstrip()) + 2)
-        out.append(textwrap.fill(line, width, subsequent_indent=indent, break_long_words=False) if line else "")
-    return "\n".join(out)
-
-
-def _panels(s: ExplorerSettings):
-    """(draw function, layout) per panel, and the verdict text."""
+def _layouts(s: ExplorerSettings):
+    """(FSDP1 layout or None, FSDP2 layout or None) for the versions shown; FSDP1 has none under TP."""
     specs = layer_specs(s)
-    panels, texts = [], []
-    if s.version in ("1", "both"):
-        lay1 = fsdp1_layout(specs, s.world_size, use_orig_params=s.use_orig_params)
-        panels.append((draw_fsdp1, lay1))
-        texts += [_verdict(lay1, 1, s), format_fsdp1(lay1).split("\n", 1)[0]]
+    lay1 = lay2 = None
+    if s.version in ("1", "both") and s.tp == 1:
+        lay1 = fsdp1_layout(specs, s.world_size, use_orig_params=s.use_orig_params, dp_replicate=s.dp_replicate)
     if s.version in ("2", "both"):
         groups = ("l1", "l2", "l3", "") if s.fsdp2_per_layer else ("",)
-        lay2 = fsdp2_layout(specs, s.world_size, groups=groups)
-        panels.append((draw_fsdp2, lay2))
-        texts += [_verdict(lay2, 2, s)]
-    return panels, "\n\n".join(texts)
-
-
-def _figure(panels, note: str = "") -> Figure:
-    """Panels side by side in the output area's width; `note` is a line over them."""
-    width, height = FIGURE_INCHES
-    left, right, bottom, top = MARGINS
-    top += 0.3 if note else 0.0
-    height += 0.3 if note else 0.0
-    # Fixed axes positions: constrained layout would cost a second full draw per change.
-    fig = Figure(figsize=(width, height), dpi=STATIC_DPI)
-    each = width / len(panels)
-    for k, (draw, layout) in enumerate(panels):
-        rect = ((k * each + left) / width, bottom / height, (each - left - right) / width, 1 - (top + bottom) / height)
-        draw(fig.add_axes(rect), layout, compact=True)
-    if note:
-        fig.text(0.5, 1 - 0.08 / height, note, ha="center", va="top", fontsize=9, color="#444444", gid="note")
-    return fig
+        plan = Layer.base_model_tp_plan if s.tp > 1 else None
+        lay2 = fsdp2_layout(specs, s.world_size, groups=groups, dp_replicate=s.dp_replicate, tp=s.tp, tp_plan=plan)
+    return lay1, lay2
 
 
 def render(s: ExplorerSettings) -> tuple[Figure, str]:
     """Redraw for one setting: the figure and the text shown under it."""
-    panels, text = _panels(s)
-    return _figure(panels), text
+    lay1, lay2 = _layouts(s)
+    return draw_view(s, lay1, lay2), text_view(s, lay1, lay2)
 
 
 def picture(s: ExplorerSettings) -> Figure:
     """The static stand-in for the widget (GitHub, nbviewer, no widget state): the figure, saying it is one."""
-    return _figure(_panels(s)[0], note=NOTE)
+    return draw_view(s, *_layouts(s), note=NOTE)
 
 
 def svg_markup(fig: Figure) -> str:
@@ -184,6 +170,10 @@ class Explorer:
             "world_size": w.IntSlider(
                 value=s.world_size, min=1, max=8, description="world size", continuous_update=False
             ),
+            "dp_replicate": w.IntSlider(
+                value=s.dp_replicate, min=1, max=8, description="replicas", continuous_update=False
+            ),
+            "tp": w.IntSlider(value=s.tp, min=1, max=8, description="tp", continuous_update=False),
             "d_in": w.IntSlider(value=s.d_in, min=1, max=MAX_DIM, description="l1 in", continuous_update=False),
             "d_hidden": w.IntSlider(
                 value=s.d_hidden, min=1, max=MAX_DIM, description="hidden", continuous_update=False
@@ -206,16 +196,25 @@ class Explorer:
         for control in self.controls.values():
             control.observe(self.update, names="value")
         self.first = picture(s)
-        boxes = list(self.controls.values())
-        self.widget = w.VBox([w.HBox([w.VBox(boxes[:5]), w.VBox(boxes[5:])]), self.view, self.message])
+        c = self.controls
+        mesh = w.VBox([c["world_size"], c["dp_replicate"], c["tp"]])
+        shapes = w.VBox([c["d_in"], c["d_hidden"], c["d_out"]])
+        options = w.VBox([c[k] for k in ("use_orig_params", "freeze_l1", "l2_bf16", "fsdp2_per_layer")])
+        self.widget = w.VBox([w.HBox([mesh, shapes]), w.HBox([c["version"], options]), self.view, self.message])
         self.update()
 
     def settings(self) -> ExplorerSettings:
         return ExplorerSettings(**{f.name: self.controls[f.name].value for f in fields(ExplorerSettings)})
 
     def update(self, change=None) -> None:
-        """Recompute and redraw from the current control values."""
-        self.figure, self.text = render(self.settings())
+        """Recompute and redraw from the current control values; settings the mesh cannot take leave one line."""
+        try:
+            self.figure, self.text = render(self.settings())
+        except ValueError as e:  # ExplorerSettings' one-line refusal, e.g. a tp that does not divide the world
+            self.figure, self.text = None, str(e)
+            self.view.value = ""
+            self.message.value = f'<pre style="white-space:pre-wrap;color:#b00020">{html.escape(self.text)}</pre>'
+            return
         self.view.value = svg_markup(self.figure)
         self.message.value = f'<pre style="white-space:pre-wrap">{html.escape(self.text)}</pre>'
 

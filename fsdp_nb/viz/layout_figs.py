@@ -172,7 +172,8 @@ def draw_fsdp1(ax: Axes, layout: Fsdp1Layout, *, compact: bool = False, legend: 
             alpha=alpha,
         )
         x += seg.numel
-    for r in range(1, world):  # where torch.chunk cuts the FlatParameter
+    shards = layout.shard_size  # HSDP: rank r holds chunk r % S, as its peer in the first replica does
+    for r in range(1, shards):  # where torch.chunk cuts the FlatParameter
         ax.plot([r * chunk, r * chunk], [world + 0.5, world + 1.5], color="#b00020", linestyle="--", linewidth=1)
     _row_label(ax, world + 1.0, "FlatParameter")
     # Rank rows, rank 0 on top; each chunk sits under the flat elements [r * chunk, (r + 1) * chunk) it holds.
@@ -180,7 +181,7 @@ def draw_fsdp1(ax: Axes, layout: Fsdp1Layout, *, compact: bool = False, legend: 
         y = world - 1 - r
         ax.axhspan(y, y + 1, facecolor=BAND_FACE[r % 2], zorder=0)
         _row_label(ax, y + 0.5, f"rank {r}")
-        x = r * chunk
+        x = (r % shards) * chunk
         for seg in layout.segments(r):
             gid = f"rank{r}/{seg.name or 'padding'}"
             _rect(ax, x, y + 0.15, seg.numel, 0.7, colors.get(seg.name), gid, padding=seg.name is None, alpha=alpha)

@@ -6,9 +6,10 @@ of global rank r·S + s labelled with the rank and the rows (FSDP2) or flat elem
 holds [Note: N-D layouts]. A cell's colour is its shard index, so the R cells of a column, which
 hold the same bytes, share it. Every cell patch has gid "<name>/rank<r>" (FSDP1: "flat/rank<r>").
 
-The figure is laid out by hand in inches on one full-figure axes: panels are as wide as
-their widest label needs, as many to a line as fit 9.4 in, so it is shown at its own size in
-a notebook's ~950 px output area and every label is 7 pt (9.7 px) or more.
+The figure is laid out by hand in inches on one full-figure axes (the page of `grid`): panels are as
+wide as their widest label needs, as many to a line as fit 9.4 in, so it is shown at its own size in
+a notebook's ~950 px output area and every label is 7 pt (9.7 px) or more. A layout with tensor
+parallelism is drawn by `tp_figs` instead, on its (R, S, T) mesh.
 """
 
 from __future__ import annotations
@@ -20,25 +21,17 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from fsdp_nb.layout import Fsdp1Layout, Fsdp2Layout
-from fsdp_nb.viz.labels import LABEL_PT, FitText, text_width_pt
+from fsdp_nb.viz.grid import EMPTY_HATCH, GAP_X, GAP_Y, MARGIN, PANEL_TITLE_PT, TITLE_PT, WIDTH_IN, inches
+from fsdp_nb.viz.labels import LABEL_PT, FitText
+from fsdp_nb.viz.tp_figs import plot_tp_layout
 
-WIDTH_IN = 9.4  # at most: the figure is shown 1:1 in a 950 px output area at 100 dpi
-TITLE_PT = 9.0
-PANEL_TITLE_PT = 7.5
 CELL_H = 0.36  # two 7 pt lines with a point of room
 HEAD_H = 0.18  # the "shard s" headers above a panel's columns
-GAP_X, GAP_Y, MARGIN = 0.25, 0.2, 0.1
-EMPTY_HATCH = "///"
 
 
 def shard_color(s: int) -> tuple:
     """The colour of shard index s: tab20's light shades, one per shard (S <= 10 are all distinct)."""
     return matplotlib.colormaps["tab20"](2 * (s % 10) + 1)
-
-
-def _inches(text: str, pt: float) -> float:
-    """Width in inches of the widest line, with the few % Agg draws wider than the font's metrics."""
-    return 1.06 * max(text_width_pt(line, pt) for line in text.split("\n")) / 72
 
 
 def _panels(layout) -> list[tuple[str, str, list[tuple[str, bool]]]]:
@@ -75,20 +68,23 @@ def plot_mesh_layout(layout: Fsdp1Layout | Fsdp2Layout, *, title: str | None = N
     """Every parameter (FSDP1: the FlatParameter) as an R × S grid of ranks; replicas of a shard share its colour.
 
     Rows are replicas, columns shard indices; each cell names its rank and the rows (FSDP2) or
-    flat elements (FSDP1) it holds. `title` goes above the mesh and placements lines.
+    flat elements (FSDP1) it holds. `title` goes above the mesh and placements lines. A layout
+    with tensor parallelism (tp > 1) is drawn by `tp_figs.plot_tp_layout`, on its (R, S, T) mesh.
     """
+    if layout.tp > 1:
+        return plot_tp_layout(layout, title=title)
     R, S = layout.dp_replicate, layout.shard_size
     panels = _panels(layout)
     heading = _title(layout, title)
     labels = [text for _, _, cells in panels for text, _ in cells]
-    cell_w = max(0.6, max(_inches(t, LABEL_PT) for t in labels) + 0.12)
-    row_head = _inches(f"replica {R - 1}", LABEL_PT) + 0.08
-    panel_w = max(row_head + S * cell_w, max(_inches(t, PANEL_TITLE_PT) for _, t, _ in panels))
+    cell_w = max(0.6, max(inches(t, LABEL_PT) for t in labels) + 0.12)
+    row_head = inches(f"replica {R - 1}", LABEL_PT) + 0.08
+    panel_w = max(row_head + S * cell_w, max(inches(t, PANEL_TITLE_PT) for _, t, _ in panels))
     per_line = max(1, min(len(panels), int((WIDTH_IN - 2 * MARGIN + GAP_X) // (panel_w + GAP_X))))
     title_h = 0.2 * len(heading.split("\n")) + 0.1
     panel_h = 0.24 + HEAD_H + R * CELL_H
     lines = math.ceil(len(panels) / per_line)
-    width = min(WIDTH_IN, max(per_line * (panel_w + GAP_X) - GAP_X, _inches(heading, TITLE_PT)) + 2 * MARGIN)
+    width = min(WIDTH_IN, max(per_line * (panel_w + GAP_X) - GAP_X, inches(heading, TITLE_PT)) + 2 * MARGIN)
     height = title_h + lines * (panel_h + GAP_Y) - GAP_Y + 2 * MARGIN
     fig = Figure(figsize=(width, height))
     ax = fig.add_axes((0, 0, 1, 1))
