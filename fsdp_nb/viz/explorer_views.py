@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from matplotlib.figure import Figure
 
-from fsdp_nb.layout.tp_plan import TP_SHARD0, TP_SHARD1
+from fsdp_nb.layout.tp_plan import FSDP1_HAS_NO_TP, TP_SHARD0, TP_SHARD1
 from fsdp_nb.viz.labels import AREA_INCHES, text_width_pt
 from fsdp_nb.viz.layout_figs import draw_fsdp1, draw_fsdp2
 from fsdp_nb.viz.mesh_figs import plot_mesh_layout
@@ -30,11 +30,7 @@ MARGINS = (0.95, 0.1, 0.1, 0.55)
 """Inches around each panel's axes (left, right, bottom, top): row labels on the left, titles on top."""
 STATIC_DPI = 100
 """The static picture (PNG) is as wide as the output area: 950 px, labels 9.7 px and more."""
-NO_TP_FSDP1 = (
-    "FSDP1 has no TP form: its FlatParameter concatenates whole parameters into one 1-D tensor, while TP keeps "
-    "each parameter a DTensor cut on dim 0 or 1, and FSDP1 cannot shard a DTensor's local piece "
-    "(fsdp_nb refuses tp_size > 1 with fsdp_version=1)."
-)
+NO_TP_FSDP1 = f"{FSDP1_HAS_NO_TP} (fsdp_nb refuses tp_size > 1 with fsdp_version=1)."  # as %fsdp_layout says it
 
 
 def _verdict(layout, version: int, s: ExplorerSettings) -> str:
