@@ -169,12 +169,18 @@ def main(rank: int, world_size: int, conn, opts: dict) -> None:
     except BaseException as e:  # report, then exit: the kernel turns this into one line
         conn.send(P.StartFailed(rank, f"{type(e).__name__}: {e}"))
         os._exit(1)
+    serve(state, torch, dist, device, opts["backend"])
+
+
+def serve(state: _Rank, torch, dist, device, backend: str) -> NoReturn:
+    """Once in the process group: bind the namespace and output, say Ready, serve requests until exit.
+    Shared by spawned ranks (main) and ranks that torchrun started and attached (rank/attached.py)."""
     state.ns = _namespace(state, torch, dist, device)
     _current_rank.append(state)
     sys.stdout = RankStream("stdout", state)
     sys.stderr = RankStream("stderr", state)
     events.set_sink(state.emit)
-    conn.send(P.Ready(rank, os.getpid(), torch.__version__, opts["backend"], str(device)))
+    state.conn.send(P.Ready(state.rank, os.getpid(), torch.__version__, backend, str(device)))
     _loop(state, dist)
 
 

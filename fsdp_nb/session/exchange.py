@@ -2,7 +2,9 @@
 
 The wait watches, in one `multiprocessing.connection.wait` call:
 - each pending rank's pipe (output, events, Done),
-- each pending rank's process sentinel (it died: report at once),
+- each pending rank's sentinel, readable once the rank is gone: the process sentinel of a
+  spawned rank, a pipe that the liveness monitor writes for an attached one (its
+  connection closed, or its heartbeat stopped); report at once,
 - a self-pipe written by our SIGINT handler (the kernel was interrupted).
 
 Deadlines:
@@ -23,7 +25,7 @@ import time
 from multiprocessing.connection import wait
 
 from fsdp_nb.session import protocol as P
-from fsdp_nb.session.launcher import exit_description, recv
+from fsdp_nb.session.launcher import recv
 from fsdp_nb.session.results import CellResult, rank_list
 
 
@@ -119,7 +121,7 @@ class Exchange:
             by_obj = {}
             for r in self.pending:
                 by_obj[ranks[r].conn] = r
-                by_obj[ranks[r].proc.sentinel] = r
+                by_obj[ranks[r].sentinel] = r
             timeout = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
             ready = wait(list(by_obj) + [relay.fd], timeout)
             if relay.count > handled_interrupts:
@@ -137,10 +139,9 @@ class Exchange:
                     continue
                 if obj is ranks[r].conn:
                     self._drain(ranks[r].conn, r)
-                else:  # sentinel: the process is gone; keep what it managed to send
+                else:  # sentinel: the rank is gone; keep what it managed to send
                     self._drain(ranks[r].conn, r)
-                    ranks[r].proc.join(0.5)
-                    res.died[r] = exit_description(ranks[r].proc.exitcode)
+                    res.died[r] = ranks[r].lost()
                     self.pending.discard(r)
             if res.died:
                 break  # peers of a dead rank cannot finish their collectives
@@ -150,9 +151,7 @@ class Exchange:
 
     def _signal(self, ranks: list[int]) -> None:
         for r in ranks:
-            proc = self.ranks[r].proc
-            if proc.exitcode is None:
-                os.kill(proc.pid, signal.SIGINT)
+            self.ranks[r].interrupt()  # SIGINT for a spawned rank, a message for an attached one
 
     def _drain(self, conn, r: int) -> None:
         while True:

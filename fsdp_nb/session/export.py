@@ -33,11 +33,19 @@ def _literal(value) -> str | None:
         return None
 
 
-def header(*, nprocs: int, device: str, backend: str, timeout: float, threads: int) -> str:
+def header(*, nprocs: int, device: str, backend: str, timeout: float, threads: int, nnodes: int = 1) -> str:
+    sizes = (
+        f"--nnodes {nnodes} --nproc-per-node {max(1, nprocs // nnodes)}"
+        if nnodes > 1
+        else "--nnodes N --nproc-per-node K"
+    )
     return f'''\
 #!/usr/bin/env python
-"""Exported from an fsdp_nb session. Run with:
+"""Exported from an fsdp_nb session. Run with, on one machine:
     torchrun --standalone --nproc-per-node {nprocs} THIS_FILE
+or on several machines, the same command on each node (HOST: one of the nodes; with SLURM,
+srun --nodes N --ntasks-per-node 1 torchrun ...):
+    torchrun {sizes} --rdzv-backend c10d --rdzv-endpoint HOST:29400 THIS_FILE
 """
 import datetime
 import os

@@ -52,6 +52,27 @@ class RankProc:
     def __init__(self, rank, proc, conn):
         self.rank, self.proc, self.conn, self.pid = rank, proc, conn, proc.pid
 
+    # The rank handle that exchange.py and session.py use; attached ranks (session/attached.py) answer
+    # the same: a sentinel readable once the rank is gone, why it is gone, and how to interrupt it.
+    host = "localhost"
+
+    @property
+    def sentinel(self):
+        return self.proc.sentinel
+
+    def exit_reason(self) -> str | None:
+        """None while the process lives; how it ended otherwise."""
+        return None if self.proc.exitcode is None else exit_description(self.proc.exitcode)
+
+    def lost(self) -> str:
+        """After the sentinel fired: how the process ended."""
+        self.proc.join(0.5)
+        return exit_description(self.proc.exitcode)
+
+    def interrupt(self) -> None:
+        if self.proc.exitcode is None:
+            os.kill(self.pid, signal.SIGINT)
+
 
 @contextlib.contextmanager
 def _spawn_environment(threads: int):

@@ -42,14 +42,20 @@ class FSDPMagics(Magics):
 
     # ---- lifecycle ----------------------------------------------------------------
     @magic_arguments()
-    @argument("-n", "--nprocs", type=int, default=2, help="number of ranks (default 2)")
+    @argument("-n", "--nprocs", type=int, default=None, help="number of ranks (default 2)")
     @argument("--backend", choices=["gloo", "nccl"], default=None, help="default: gloo on cpu, nccl on cuda")
     @argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: one GPU per rank")
     @argument("--timeout", type=float, default=60.0, help="process-group timeout in seconds (default 60)")
     @argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
+    @argument("--listen", default=None, help="[HOST:]PORT: let torchrun's ranks attach here (several machines)")
+    @argument("--nnodes", type=int, default=None, help="with --listen: number of nodes (torchrun agents)")
+    @argument("--nproc-per-node", type=int, default=None, help="with --listen: ranks per node")
+    @argument("--rdzv-endpoint", default=None, help="with --listen: HOST:PORT of torchrun's rendezvous")
+    @argument("--key-file", default=None, help="with --listen: where to write the session key (mode 0600)")
     @line_magic
     def fsdp_launch(self, line):
-        """Start a persistent session of N ranks: %fsdp_launch -n 2"""
+        """Start a persistent session of N ranks: %fsdp_launch -n 2
+        (or attach torchrun's ranks: %fsdp_launch --listen 7000 --nnodes 2 --nproc-per-node 4)"""
         args = parse_argstring(self.fsdp_launch, line)
         if self.session is not None and self.session.state != State.CLOSED:
             raise UsageError(
@@ -57,9 +63,14 @@ class FSDPMagics(Magics):
                 "use %fsdp_restart to start it again, or %fsdp_shutdown first"
             )
         t0 = time.perf_counter()
+        if args.listen is not None or args.nnodes is not None or args.nproc_per_node is not None:
+            session = self._listen(args)
+            self._guard(session.start)  # waits for the ranks; Ctrl-C stops waiting
+            self._summary("attached", time.perf_counter() - t0)
+            return
         try:
             session = Session(
-                args.nprocs,
+                2 if args.nprocs is None else args.nprocs,
                 backend=args.backend,
                 device=args.device,
                 timeout=args.timeout,
@@ -71,6 +82,26 @@ class FSDPMagics(Magics):
         session.activate()
         self._guard(session.start)
         self._summary("ready", time.perf_counter() - t0)
+
+    def _listen(self, args) -> Session:
+        from fsdp_nb.session.attach import open_session
+
+        if args.listen is None or args.nnodes is None or args.nproc_per_node is None:
+            raise UsageError("attach mode needs all three: --listen [HOST:]PORT --nnodes N --nproc-per-node K")
+        if args.nprocs is not None and args.nprocs != args.nnodes * args.nproc_per_node:
+            raise UsageError(
+                f"-n {args.nprocs} does not match --nnodes {args.nnodes} x --nproc-per-node {args.nproc_per_node} "
+                f"= {args.nnodes * args.nproc_per_node}: leave -n out, or make them agree"
+            )
+        options = dict(backend=args.backend, device=args.device, timeout=args.timeout, threads=args.threads)
+        options.update(rdzv_endpoint=args.rdzv_endpoint, key_file=args.key_file)
+        try:
+            session = self._guard(
+                lambda: open_session(Session, args.listen, args.nnodes, args.nproc_per_node, False, options)
+            )
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        return session.activate()
 
     @line_magic
     def fsdp_restart(self, line):
@@ -103,7 +134,8 @@ class FSDPMagics(Magics):
         print(head + (f" ({s.broken_reason})" if s.broken_reason else ""))
         for row in s.status():
             running = f", running: {row['running']}" if row["running"] else ""
-            print(f"  rank {row['rank']}: pid {row['pid']}, {row['process']}{running}")
+            where = f" on {row['host']}" if s.config.remote else ""  # attached ranks: which node
+            print(f"  rank {row['rank']}: pid {row['pid']}{where}, {row['process']}{running}")
 
     # ---- cells and objects ----------------------------------------------------------
     @magic_arguments()
@@ -245,10 +277,13 @@ class FSDPMagics(Magics):
         except OSError as e:
             raise UsageError(f"cannot write {names[0]}: {e.strerror}") from None
         cells = sum(step.source is not None for step in s.history)
-        print(
-            f"fsdp_nb: wrote {names[0]} ({cells} cells); run it with: "
-            f"torchrun --standalone --nproc-per-node {s.config.nprocs} {names[0]}"
-        )
+        if s.endpoint is not None:  # attach mode: the same nodes, one agent each
+            e = s.endpoint
+            run = f"torchrun --nnodes {e.nnodes} --nproc-per-node {e.nproc_per_node} --rdzv-backend c10d "
+            run += f"--rdzv-endpoint {e.rdzv_endpoint or 'FIRST_NODE:29400'} {names[0]} (on each node)"
+        else:
+            run = f"torchrun --standalone --nproc-per-node {s.config.nprocs} {names[0]}"
+        print(f"fsdp_nb: wrote {names[0]} ({cells} cells); run it with: {run}")
         for w in warnings:
             print(f"warning: {w}")
 

@@ -34,6 +34,9 @@ class SessionConfig:
     """Process-group timeout in seconds: a rank stuck in a collective fails after this."""
     threads: int = 1
     """torch / OpenMP threads per rank; more than cores/ranks makes ranks fight for cores."""
+    remote: bool = False
+    """Ranks started by torchrun and attached (Session.listen): they run on their nodes' cores and GPUs,
+    so this machine's limits do not apply."""
 
     def __post_init__(self):
         n = self.nprocs
@@ -50,7 +53,9 @@ class SessionConfig:
         t = self.threads
         if not is_int(t) or t < 1:
             raise ValueError(f"threads={t!r} is not valid: give a whole number >= 1, e.g. --threads 1")
-        if backend == "nccl" or self.device == "cuda":
+        if self.remote:
+            pass  # the nodes' cores and GPUs, not this machine's: torchrun's ranks check their own device
+        elif backend == "nccl" or self.device == "cuda":
             gpus = _cuda_count()
             what = "--device cuda" if self.device == "cuda" else "--backend nccl"
             if gpus == 0:
@@ -66,4 +71,4 @@ class SessionConfig:
             )
 
     def summary(self) -> str:
-        return f"{self.nprocs} ranks, backend {self.backend}, device {self.device}"
+        return f"{self.nprocs} ranks{' attached' if self.remote else ''}, backend {self.backend}, device {self.device}"

@@ -5,6 +5,11 @@ Rank -> kernel: Ready (once, after init_process_group), then for each request an
 number of Stream / Display / Event messages followed by exactly one Done. After
 Shutdown, a rank with background work sends Finishing before its Done.
 
+Attach mode (ranks started by torchrun on other machines, docs in fsdp_nb/session/attach.py)
+opens two authenticated connections per rank: on each the rank first sends Hello and the
+kernel answers Welcome or Refused; the data connection then carries the messages above,
+the control connection Heartbeat both ways and Interrupt from the kernel.
+
 Everything here is a plain slotted dataclass so that pickling a message costs a few
 microseconds: a trivial cell is two small messages per rank, and the round trip
 budget is one millisecond.
@@ -158,3 +163,43 @@ def unpickled(done: Done) -> Any:
     import pickle
 
     return pickle.loads(done.value) if done.value is not None else None
+
+
+# ---- attach mode: a rank that torchrun started joins a listening kernel ----------
+@dataclass(slots=True)
+class Hello:
+    """The first message on each of an attached rank's two connections (`role` "data" or "control")."""
+
+    role: str
+    rank: int
+    world_size: int
+    host: str
+    pid: int
+    fsdp_nb_version: str
+    torch_version: str
+    token: str = ""  # control: the token the kernel's Welcome gave this rank's data connection
+
+
+@dataclass(slots=True)
+class Welcome:
+    """The kernel accepts a connection; `options` (data connection only): backend, device, timeout, threads."""
+
+    token: str
+    options: dict = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Refused:
+    """The kernel refuses a rank; `reason` is one line that says what to do. The rank prints it and exits 1."""
+
+    reason: str
+
+
+@dataclass(slots=True)
+class Heartbeat:
+    """Sent every second both ways on the control connection: silence means the peer is gone."""
+
+
+@dataclass(slots=True)
+class Interrupt:
+    """Kernel -> rank on the control connection: raise KeyboardInterrupt in the cell being run, if any."""

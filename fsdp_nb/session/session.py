@@ -13,6 +13,10 @@ and says what to do when it is wrong. The wait loop watches each rank's pipe and
 process sentinel together, so a dead rank is reported at once, a failed rank's peers
 get the process-group timeout (plus a margin) to come out of their collective, and a
 kernel interrupt is relayed to the ranks as KeyboardInterrupt.
+
+`Session.listen(...)` makes a session whose ranks are not spawned here but started by
+torchrun, on this machine or others, and attach to the kernel (fsdp_nb/session/attach.py);
+once they have, it behaves as a spawned one.
 """
 
 from __future__ import annotations
@@ -20,9 +24,7 @@ from __future__ import annotations
 import atexit
 import enum
 import itertools
-import os
 import pickle
-import signal
 import threading
 import time
 import weakref
@@ -32,7 +34,7 @@ from fsdp_nb.session.dashboard import Dashboard
 from fsdp_nb.session.errors import SessionError
 from fsdp_nb.session.exchange import Exchange
 from fsdp_nb.session.export import Step, script
-from fsdp_nb.session.launcher import RankGroup, exit_description
+from fsdp_nb.session.launcher import RankGroup
 from fsdp_nb.session.options import SessionConfig
 from fsdp_nb.session.output import CollatedPrinter, Silent, printer
 from fsdp_nb.session.results import CellResult, RankError, rank_list
@@ -68,8 +70,12 @@ class Session:
         timeout: float = 60.0,
         threads: int = 1,
         start: bool = True,
+        remote: bool = False,
     ):
-        self.config = SessionConfig(nprocs=nprocs, device=device, backend=backend, timeout=timeout, threads=threads)
+        self.config = SessionConfig(
+            nprocs=nprocs, device=device, backend=backend, timeout=timeout, threads=threads, remote=remote
+        )
+        self.endpoint = None  # attach mode: the fsdp_nb.session.attach.Endpoint the ranks join through
         self.state = State.CLOSED
         self.broken_reason: str | None = None
         self.torch_version = ""
@@ -97,7 +103,10 @@ class Session:
             raise SessionError(f"the session is {self.state.value}; use restart() to start it again")
         self.state, self.broken_reason = State.STARTING, None
         try:
-            self._group = RankGroup.spawn(self.config)
+            if self.endpoint is not None:  # attach mode: wait for torchrun's ranks to join
+                self._group = self.endpoint.gather(self.config)
+            else:
+                self._group = RankGroup.spawn(self.config)
         except BaseException:  # KeyboardInterrupt too: the ranks are gone, so is the session
             self.state = State.CLOSED
             raise
@@ -107,15 +116,34 @@ class Session:
 
     def close(self) -> None:
         """Stop every rank: a clean process-group exit when possible, SIGKILL otherwise."""
+        self._stop()
+        if self.endpoint is not None:  # attach mode: no more joins; start() opens it again, same address
+            self.endpoint.close()
+
+    def _stop(self) -> None:
         if self.state == State.CLOSED:
             return
         if self._group is not None:
             self._group.stop(graceful=self.state == State.READY)
         self.state = State.CLOSED
 
+    @classmethod
+    def listen(cls, address: str = "127.0.0.1:0", *, nnodes: int, nproc_per_node: int, wait: bool = True, **options):
+        """A session whose ranks torchrun starts (on any machine) and that attach to this kernel.
+
+        Opens an authenticated endpoint at `address` ("[HOST:]PORT", loopback unless a host is
+        named), prints the command to run on each node, and (with `wait`) returns once all
+        `nnodes * nproc_per_node` ranks joined; with `wait=False` it returns at once, CLOSED, and
+        `start()` waits. Options: `device`, `backend`, `timeout`, `threads`, `rdzv_endpoint`,
+        `key_file`, `join_timeout` (see fsdp_nb/session/attach.py)."""
+        from fsdp_nb.session.attach import open_session
+
+        return open_session(cls, address, nnodes, nproc_per_node, wait, options)
+
     def restart(self) -> Session:
-        """Kill the ranks and start fresh ones with the same options. Namespaces are lost."""
-        self.close()
+        """Kill the ranks and start fresh ones with the same options. Namespaces are lost.
+        Attach mode: the endpoint stays open and prints the command to run again on each node."""
+        self._stop()
         self.history.clear()
         return self.start()
 
@@ -147,9 +175,9 @@ class Session:
 
     def _check_ready(self) -> None:
         if self.state == State.READY:
-            dead = [(rk.rank, rk.proc.exitcode) for rk in self._ranks if rk.proc.exitcode is not None]
+            dead = [(rk.rank, rk.exit_reason()) for rk in self._ranks if rk.exit_reason() is not None]
             if dead:
-                self._mark_broken("; ".join(f"rank {r} {exit_description(c)}" for r, c in dead))
+                self._mark_broken("; ".join(f"rank {r} {why}" for r, why in dead))
         if self.state == State.READY:
             return
         advice = {
@@ -164,7 +192,7 @@ class Session:
         self.state, self.broken_reason = State.BROKEN, why
 
     def status(self) -> list[dict]:
-        """One row per rank: pid, whether it is alive, and the cell it is running."""
+        """One row per rank: host, pid, whether it is alive, and the cell it is running."""
         running = None
         if self.running:
             src, t0 = self.running
@@ -173,9 +201,10 @@ class Session:
         return [
             dict(
                 rank=rk.rank,
+                host=rk.host,
                 pid=rk.pid,
-                alive=rk.proc.exitcode is None,
-                process=exit_description(rk.proc.exitcode),
+                alive=rk.exit_reason() is None,
+                process=rk.exit_reason() or "alive",
                 state=self.state.value,
                 running=running,
             )
@@ -234,8 +263,15 @@ class Session:
     def export(self) -> tuple[str, list[str]]:
         """This session's successful cells and pushes as a torchrun script, plus warnings."""
         c = self.config
+        nnodes = self.endpoint.nnodes if self.endpoint is not None else 1
         return script(
-            self.history, nprocs=c.nprocs, device=c.device, backend=c.backend, timeout=c.timeout, threads=c.threads
+            self.history,
+            nprocs=c.nprocs,
+            device=c.device,
+            backend=c.backend,
+            timeout=c.timeout,
+            threads=c.threads,
+            nnodes=nnodes,
         )
 
     def pull(self, name: str, *, ranks: list[int] | None = None) -> list:
@@ -277,8 +313,7 @@ class Session:
     def interrupt(self) -> None:
         """Raise KeyboardInterrupt in the code running on every rank (idle ranks ignore it)."""
         for rk in self._ranks:
-            if rk.proc.exitcode is None:
-                os.kill(rk.pid, signal.SIGINT)
+            rk.interrupt()
 
     def _targets(self, ranks) -> list[int]:
         self._check_ready()
