@@ -1,15 +1,17 @@
-"""The rank side of a session: one spawned process per rank.
+"""The rank side of a session: one process per rank, forked from the fork server or spawned.
 
-`main` is the spawn target, so it must live in an importable module. It joins the
-process group, then loops: receive a request, run it in the rank's persistent
-namespace, stream output and events back, finish with one Done.
+`main` is the process target, so it must live in an importable module. It takes what a
+spawned rank would inherit from the kernel (environment, thread count), joins the process
+group, then loops: receive a request, run it in the rank's persistent namespace, stream
+output and events back, finish with one Done.
 
 Lifetime rules (docs/architecture.md, "Signals"):
 - The rank sits in its own session (setsid, as torchrun does), so a Ctrl-C or a kernel interrupt aimed at
   the kernel's group never reaches it directly; the kernel relays interrupts, and a
   SIGINT only raises KeyboardInterrupt while user code runs.
-- A watchdog thread exits the rank within 0.2 s of the kernel dying (SIGKILL included);
-  a closed pipe (EOF) does the same when the rank is idle. No orphans.
+- A watchdog thread exits the rank within 0.2 s of the kernel dying (SIGKILL included: the
+  lifeline pipe, whose other end only the kernel holds, reads EOF) or of its parent (the fork
+  server, or the kernel) going; a closed pipe (EOF) does the same when the rank is idle. No orphans.
 - Exit is barrier -> destroy_process_group -> os._exit, which keeps gloo from
   aborting at interpreter teardown.
 - Every exit, the kernel's death included, first finishes the rank's background
@@ -93,13 +95,32 @@ def _exit(code: int) -> NoReturn:
         os._exit(code)
 
 
-def _watch_parent(parent_pid: int) -> None:
-    # Polling getppid survives every way the kernel can die, SIGKILL included,
-    # and does not depend on which kernel thread created the session.
-    while True:
-        time.sleep(WATCHDOG_PERIOD_S)
+def _watch_kernel(lifeline, parent_pid: int) -> None:
+    while not lifeline.poll(WATCHDOG_PERIOD_S):  # EOF: the kernel is gone, however it died
         if os.getppid() != parent_pid:
-            _exit(70)
+            break
+    _exit(70)
+
+
+def _take_start_options(rank: int, world_size: int, opts: dict) -> None:
+    """What a spawned rank inherits from the kernel, set here, before any thread starts: a forked
+    rank has the fork server's environment and state ([Note: fork safety] in session/forkserver.py)."""
+    os.environ.clear()
+    os.environ.update(
+        opts["env"],  # the kernel's environment at launch
+        OMP_NUM_THREADS=str(opts["threads"]),
+        MPLBACKEND="module://fsdp_nb.rank.mpl_backend",
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),  # one machine: FSDP1's hybrid strategies count nodes by it
+        WORLD_SIZE=str(world_size),
+        MASTER_ADDR=opts["host"],
+        MASTER_PORT=str(opts["port"]),
+    )
+    import torch
+
+    torch.set_num_threads(opts["threads"])  # OpenMP read OMP_NUM_THREADS when torch loaded: in the server
+    torch.default_generator.seed()  # a forked rank would share the server's CPU random numbers
 
 
 def _init_process_group(rank: int, world_size: int, opts: dict):
@@ -108,7 +129,6 @@ def _init_process_group(rank: int, world_size: int, opts: dict):
     import torch
     import torch.distributed as dist
 
-    torch.set_num_threads(opts["threads"])
     if opts["device"] == "cuda":
         if torch.cuda.device_count() <= rank:
             raise RuntimeError(f"rank {rank} needs GPU {rank} but only {torch.cuda.device_count()} are visible")
@@ -147,24 +167,15 @@ def _namespace(state: _Rank, torch, dist, device) -> dict:
     return ns
 
 
-def main(rank: int, world_size: int, conn, opts: dict) -> None:
-    """Spawn target: run rank `rank` of `world_size` until Shutdown or the kernel goes away."""
+def main(rank: int, world_size: int, conn, opts: dict, lifeline) -> None:
+    """Process target: run rank `rank` of `world_size` until Shutdown or the kernel goes away."""
     os.setsid()  # like torchrun's workers: interrupts come only via the kernel; each rank its own sched autogroup
-    os.environ.update(
-        OMP_NUM_THREADS=str(opts["threads"]),
-        MPLBACKEND="module://fsdp_nb.rank.mpl_backend",
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world_size),  # one machine: FSDP1's hybrid strategies count nodes by it
-        WORLD_SIZE=str(world_size),
-        MASTER_ADDR=opts["host"],
-        MASTER_PORT=str(opts["port"]),
-    )
-    threading.Thread(target=_watch_parent, args=(opts["parent_pid"],), daemon=True).start()
+    parent_pid = os.getppid()
     state = _Rank(rank, world_size, conn)
-    signal.signal(signal.SIGINT, state.on_sigint)
-
     try:
+        _take_start_options(rank, world_size, opts)
+        threading.Thread(target=_watch_kernel, args=(lifeline, parent_pid), daemon=True).start()
+        signal.signal(signal.SIGINT, state.on_sigint)
         torch, dist, device = _init_process_group(rank, world_size, opts)
     except BaseException as e:  # report, then exit: the kernel turns this into one line
         conn.send(P.StartFailed(rank, f"{type(e).__name__}: {e}"))

@@ -1,7 +1,7 @@
 """One request fanned out to ranks, and the wait for their answers.
 
 The wait watches, in one `multiprocessing.connection.wait` call:
-- each pending rank's pipe (output, events, Done),
+- each pending rank's pipe (output, events, Done; closed: it died),
 - each pending rank's sentinel, readable once the rank is gone: the process sentinel of a
   spawned rank, a pipe that the liveness monitor writes for an attached one (its
   connection closed, or its heartbeat stopped); report at once,
@@ -12,7 +12,9 @@ Deadlines:
   STUCK_MARGIN_S to come out of whatever collective they wait in;
 - once interrupted, ranks get INTERRUPT_GRACE_S to stop; a second interrupt stops
   waiting at once.
-Ranks still running after a deadline are "stuck", and the session is broken.
+Ranks still running after a deadline are "stuck", and the session is broken. A death
+ends the wait at once; a peer's error that came just before it (ECHO_S) is the death's
+echo, a collective that lost its peer, and that peer counts as stuck.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from multiprocessing.connection import wait
 from fsdp_nb.session import protocol as P
 from fsdp_nb.session.launcher import recv
 from fsdp_nb.session.results import CellResult, rank_list
+
+ECHO_S = 0.5  # a peer's error this soon before a death is the death's echo (Exchange._drop_echoes)
 
 
 class _InterruptRelay:
@@ -73,6 +77,21 @@ class _InterruptRelay:
             signal.signal(signal.SIGINT, self._prev)
 
 
+def _read(conn) -> tuple[list, bool]:
+    """The messages `conn` holds now, and whether it is still open."""
+    msgs = []
+    while True:
+        try:
+            if not conn.poll():
+                return msgs, True
+        except (EOFError, OSError):
+            return msgs, False
+        msg = recv(conn)
+        if msg is None:
+            return msgs, False
+        msgs.append(msg)
+
+
 class Exchange:
     """Send one message to each rank in `msgs`, then collect their output, events and Done.
 
@@ -98,6 +117,7 @@ class Exchange:
         self.result = CellResult(ranks=sorted(msgs), world_size=len(ranks))
         self.pending = set(msgs)
         self.deadline: float | None = None
+        self.failed_at: dict[int, float] = {}  # rank -> when its Done with an error came
 
     def run(self) -> CellResult:
         ranks = self.ranks
@@ -133,16 +153,8 @@ class Exchange:
                     res.interrupted = True
                     self._signal(sorted(self.pending))
                     self.deadline = time.monotonic() + self.interrupt_grace_s
-            for obj in ready:
-                r = by_obj.get(obj)
-                if r is None or r not in self.pending:
-                    continue
-                if obj is ranks[r].conn:
-                    self._drain(ranks[r].conn, r)
-                else:  # sentinel: the rank is gone; keep what it managed to send
-                    self._drain(ranks[r].conn, r)
-                    res.died[r] = ranks[r].lost()
-                    self.pending.discard(r)
+            batch = [r for r in dict.fromkeys(by_obj.get(obj) for obj in ready) if r in self.pending]
+            self._take(ranks, batch, ready)
             if res.died:
                 break  # peers of a dead rank cannot finish their collectives
             if self.deadline is not None and time.monotonic() >= self.deadline:
@@ -153,17 +165,31 @@ class Exchange:
         for r in ranks:
             self.ranks[r].interrupt()  # SIGINT for a spawned rank, a message for an attached one
 
-    def _drain(self, conn, r: int) -> None:
-        while True:
-            try:
-                if not conn.poll():
-                    return
-            except (EOFError, OSError):
-                return
-            msg = recv(conn)
-            if msg is None:
-                return
-            self._dispatch(r, msg)
+    def _take(self, ranks, batch: list[int], ready: list) -> None:
+        """Handle what the ranks in `batch` sent; a rank whose sentinel fired or whose pipe closed
+        is gone (a forked rank's sentinel comes from the fork server, a few ms after the pipe
+        closes), and what it managed to send is kept."""
+        seen = time.monotonic()
+        read = {r: _read(ranks[r].conn) for r in batch}
+        for r in batch:
+            for msg in read[r][0]:
+                self._dispatch(r, msg)
+        dead = [r for r in batch if not read[r][1] or ranks[r].sentinel in ready]
+        for r in dead:
+            self.result.died[r] = ranks[r].lost()
+            self.pending.discard(r)
+        if dead:
+            self._drop_echoes(dead, seen)
+
+    def _drop_echoes(self, dead: list[int], seen: float) -> None:
+        """A peer's error that came just before a death was seen is the death's echo: its collective
+        lost the peer, whose sockets can close a few ms before its pipe does. It is dropped, and the
+        peer counts as stuck, as it would had its error come a moment after the death."""
+        for r, at in list(self.failed_at.items()):
+            if r not in dead and seen - at < ECHO_S:
+                del self.result.dones[r], self.failed_at[r]
+                self.result.order.remove(r)
+                self.pending.add(r)
 
     def _dispatch(self, r: int, msg) -> None:
         kind = type(msg)
@@ -177,8 +203,10 @@ class Exchange:
             self.result.dones[r] = msg
             self.result.order.append(r)
             self.pending.discard(r)
-            if msg.error is not None and self.pending and self.deadline is None:
-                self.deadline = time.monotonic() + self.stuck_after_s
+            if msg.error is not None:
+                self.failed_at[r] = time.monotonic()
+                if self.pending and self.deadline is None:
+                    self.deadline = time.monotonic() + self.stuck_after_s
 
     def _event(self, r: int, msg: P.Event) -> None:
         self.result.events.append((r, msg.kind, msg.payload))

@@ -1,9 +1,14 @@
-"""Spawning and stopping a session's rank processes.
+"""Starting and stopping a session's rank processes.
 
-`RankGroup.spawn(config)` starts N ranks with the spawn context and waits until each
-has joined the process group; `stop()` ends them, cleanly when it can. Every live
-group is killed at interpreter exit, before multiprocessing's own exit hook would
-wait on them forever.
+`RankGroup.spawn(config)` starts N fresh ranks, forked from the warm fork server
+(`forkserver`) or, as the fallback, spawned, and waits until each has joined the process
+group; `stop()` ends them, cleanly when it can. Every live group is killed at
+interpreter exit, before multiprocessing's own exit hook would wait on them forever.
+
+A forked rank inherits the fork server's environment, not the kernel's, so the start
+options travel in the process arguments: the kernel's environment at launch, the thread
+count, the rendezvous address, and the lifeline, a pipe whose write end only the kernel
+holds, so that every rank sees EOF the moment the kernel dies, however it dies.
 """
 
 from __future__ import annotations
@@ -13,13 +18,12 @@ import contextlib
 import multiprocessing as mp
 import os
 import signal
-import sys
 import time
-import types
 import weakref
 from multiprocessing.connection import wait
 
 from fsdp_nb.rank.worker import main as worker_main
+from fsdp_nb.session import forkserver
 from fsdp_nb.session import protocol as P
 from fsdp_nb.session.errors import SessionError
 from fsdp_nb.session.results import rank_list
@@ -46,6 +50,13 @@ def recv(conn):
         return None
 
 
+def gone(proc) -> str:
+    """How a rank whose pipe closed or whose sentinel fired ended. Its pipe closes first: a forked
+    rank's exit code comes from the fork server, a few ms after the process is gone."""
+    proc.join(0.5)
+    return exit_description(proc.exitcode) if proc.exitcode is not None else "closed its pipe"
+
+
 class RankProc:
     __slots__ = ("rank", "proc", "conn", "pid")
 
@@ -65,9 +76,8 @@ class RankProc:
         return None if self.proc.exitcode is None else exit_description(self.proc.exitcode)
 
     def lost(self) -> str:
-        """After the sentinel fired: how the process ended."""
-        self.proc.join(0.5)
-        return exit_description(self.proc.exitcode)
+        """After the sentinel fired or the pipe closed: how the process ended."""
+        return gone(self.proc)
 
     def interrupt(self) -> None:
         if self.proc.exitcode is None:
@@ -75,64 +85,62 @@ class RankProc:
 
 
 @contextlib.contextmanager
-def _spawn_environment(threads: int):
-    """What spawned ranks inherit: one OpenMP pool of `threads`, and no __main__ to re-run.
-
-    Cells travel as source text, so ranks never need the parent's main module; without
-    this swap, spawn re-imports a script's __main__ and demands an
-    `if __name__ == "__main__"` guard from every user script.
-    """
-    saved_env = os.environ.get("OMP_NUM_THREADS")
-    saved_main = sys.modules.get("__main__")
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    sys.modules["__main__"] = types.ModuleType("__main__")
-    try:
+def _start_environment(threads: int):
+    """What started ranks inherit: one OpenMP pool of `threads`, and no __main__ to re-run."""
+    with forkserver.bare_main(), forkserver.environment({"OMP_NUM_THREADS": str(threads)}):
         yield
-    finally:
-        sys.modules["__main__"] = saved_main
-        if saved_env is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = saved_env
 
 
 class RankGroup:
-    """The processes, pipes and rendezvous store of one session start."""
+    """The processes, pipes, lifeline and rendezvous store of one session start."""
 
-    def __init__(self, ranks: list[RankProc], store, torch_version: str):
-        self.ranks, self.store, self.torch_version = ranks, store, torch_version
+    def __init__(self, ranks: list[RankProc], store, torch_version: str, lifeline=None):
+        self.ranks, self.store, self.torch_version, self.lifeline = ranks, store, torch_version, lifeline
         _live.add(self)
 
     @classmethod
     def spawn(cls, cfg) -> RankGroup:
+        """Start `cfg.nprocs` fresh ranks, forked from the fork server (or spawned: the fallback)."""
+        try:
+            return cls._start(cfg, forkserver.context())
+        except forkserver.ServerFailed as e:  # only the fork server's context raises it
+            forkserver.failed(e)
+            return cls._start(cfg, mp.get_context("spawn"))
+
+    @classmethod
+    def _start(cls, cfg, ctx) -> RankGroup:
         import torch.distributed as dist
 
         # The kernel holds the store's server socket, so no other session can take
         # the port between choosing it and using it.
         store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-        opts = dict(
-            host="127.0.0.1",
-            port=store.port,
-            backend=cfg.backend,
-            device=cfg.device,
-            timeout=cfg.timeout,
-            threads=cfg.threads,
-            parent_pid=os.getpid(),
-        )
-        ctx = mp.get_context("spawn")
-        group = cls([], store, "")
+        lifeline_r, lifeline_w = ctx.Pipe(duplex=False)
+        group = cls([], store, "", lifeline_w)
         try:  # an interrupt (or any error) while starting must not leave ranks behind
-            with _spawn_environment(cfg.threads):
+            with _start_environment(cfg.threads):
+                opts = dict(
+                    host="127.0.0.1",
+                    port=store.port,
+                    backend=cfg.backend,
+                    device=cfg.device,
+                    timeout=cfg.timeout,
+                    threads=cfg.threads,
+                    env=dict(os.environ),  # a forked rank has the server's: it takes the kernel's from here
+                )
                 for r in range(cfg.nprocs):
                     parent_end, child_end = ctx.Pipe(duplex=True)
                     proc = ctx.Process(
-                        target=worker_main, args=(r, cfg.nprocs, child_end, opts), name=f"fsdp_nb-rank{r}"
+                        target=worker_main,
+                        args=(r, cfg.nprocs, child_end, opts, lifeline_r),
+                        name=f"fsdp_nb-rank{r}",
                     )
-                    proc.start()
+                    _start_process(proc, ctx)
                     child_end.close()
                     group.ranks.append(RankProc(r, proc, parent_end))
+            lifeline_r.close()
             group._wait_ready(time.monotonic() + cfg.timeout + START_MARGIN_S)
         except BaseException:
+            lifeline_r.close()
             group.kill()
             raise
         return group
@@ -153,11 +161,12 @@ class RankGroup:
                     if isinstance(msg, P.Ready):
                         self.torch_version = msg.torch_version
                         continue
-                    problem = f"rank {rk.rank} could not start: {msg.error if msg else 'pipe closed'}"
+                    if msg is not None:
+                        problem = f"rank {rk.rank} could not start: {msg.error}"
+                    else:
+                        problem = f"rank {rk.rank} {gone(rk.proc)} while starting"
                 elif obj in sentinels and sentinels[obj].conn in waiting:
-                    rk = sentinels[obj]
-                    rk.proc.join(0.5)
-                    problem = f"rank {rk.rank} {exit_description(rk.proc.exitcode)} while starting"
+                    problem = f"rank {sentinels[obj].rank} {gone(sentinels[obj].proc)} while starting"
         if problem:
             raise SessionError(problem)
 
@@ -211,8 +220,21 @@ class RankGroup:
         for rk in self.ranks:
             rk.proc.join(5)
             rk.conn.close()
+        if self.lifeline is not None:
+            self.lifeline.close()  # after the joins: a rank reading EOF here would exit mid-shutdown
+            self.lifeline = None
         self.store = None
         _live.discard(self)
+
+
+def _start_process(proc, ctx) -> None:
+    """proc.start(); through the fork server, a failure to reach it becomes ServerFailed."""
+    try:
+        proc.start()
+    except (OSError, EOFError) as e:  # connection refused, or the server exited mid-request
+        if ctx.get_start_method() != "forkserver":
+            raise
+        raise forkserver.ServerFailed(f"{type(e).__name__}: {e}") from e
 
 
 # Registered after multiprocessing's own exit hook, so it runs first (atexit is LIFO):

@@ -309,10 +309,12 @@ class FSDPMagics(Magics):
 
 
 def load(ipython) -> None:
+    from fsdp_nb.session import forkserver
     from fsdp_nb.viz.show import register_figure_formatter
 
     ipython.register_magics(FSDPMagics)
     register_figure_formatter(ipython)
+    forkserver.warm()  # returns at once: the server imports torch while the user reads on
 
 
 def unload(ipython) -> None:

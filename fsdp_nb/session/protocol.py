@@ -56,6 +56,8 @@ class Shutdown:
 
 
 ABANDONED_EXIT = 75  # a rank's exit code when its background work did not finish before the bound
+# Set in the fork server's environment only: fsdp_nb.rank.preload checks that the server can fork safely.
+FORKSERVER_MARK = "FSDP_NB_FORKSERVER_PRELOAD"
 
 
 # ---- rank -> kernel -------------------------------------------------------------
