@@ -66,6 +66,13 @@ def _hello(conn, role: str, rank: int, world_size: int, versions, token: str = "
     return reply
 
 
+def _watch_agent(agent_pid: int) -> None:
+    """Exit within 0.2 s of torchrun's agent dying (this process is then re-parented): no orphans."""
+    while os.getppid() == agent_pid:
+        time.sleep(worker.WATCHDOG_PERIOD_S)
+    worker._exit(0)
+
+
 def _control(conn, state: worker._Rank) -> None:
     """Heartbeats both ways; Interrupt -> SIGINT to ourselves (the handler decides); kernel gone -> exit 0."""
     heard, beat = None, 0.0
@@ -138,7 +145,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
     state = worker._Rank(rank, world_size, data)
     signal.signal(signal.SIGINT, state.on_sigint)
     threading.Thread(target=_control, args=(control, state), name="fsdp_nb-control", daemon=True).start()
-    threading.Thread(target=worker._watch_parent, args=(os.getppid(),), daemon=True).start()  # the agent
+    threading.Thread(target=_watch_agent, args=(os.getppid(),), daemon=True).start()
     try:
         torch, dist, device = _init_process_group(local_rank, opts)
     except BaseException as e:
