@@ -315,6 +315,7 @@ def load(ipython) -> None:
     ipython.register_magics(FSDPMagics)
     register_figure_formatter(ipython)
     forkserver.warm()  # returns at once: the server imports torch while the user reads on
+    forkserver.import_torch_in_background()  # and so does the kernel, for its rendezvous store
 
 
 def unload(ipython) -> None:
