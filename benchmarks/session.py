@@ -235,7 +235,7 @@ def main() -> None:
     )
     print(
         f"start   the same, in a kernel that has not imported torch: {med(no_torch):.2f} s   ratio {med(no_torch) / f_start:.2f}x "
-        "(the kernel imports torch for its TCPStore)"
+        "(%load_ext imports it in the background)"
     )
     r, stop, start = med(ours["restart"]), med(ours["stop"]), med(ours["start_half"])
     print(
