@@ -8,6 +8,7 @@ nothing is left.
 
 from __future__ import annotations
 
+import ast
 import os
 import shlex
 import signal
@@ -197,6 +198,7 @@ def test_a_rank_with_other_versions_exits_non_zero_with_one_line(attached):
 def test_exported_script_runs_under_two_torchrun_agents(attached, tmp_path):
     s = attached.s
     s.run("t = torch.tensor([rank * 3 + 1.0])\ndist.all_reduce(t)\nprint('total', t.item())").raise_errors()
+    session_losses = s.run(TRAIN + "\nif rank == 0:\n    print('LOSSES', repr(losses))\nlosses").raise_errors().values
     text, warnings = s.export()
     assert warnings == [] and "--nnodes 2 --nproc-per-node 2 --rdzv-backend c10d" in text
     path = tmp_path / "exported.py"
@@ -215,6 +217,10 @@ def test_exported_script_runs_under_two_torchrun_agents(attached, tmp_path):
         # 1 + 4 + 7 + 10, as in the session; two ranks share an agent's stdout, so their print()s
         # can interleave word by word ("totaltotal 22.0\n 22.0"): count the values
         assert "".join(out for out, _ in outs).count("22.0") == 4, why
+        # the same Trainer run as in the session, under the two agents: the same losses
+        line = next(x for out, _ in outs for x in out.splitlines() if x.startswith("LOSSES "))
+        script_losses = ast.literal_eval(line.removeprefix("LOSSES "))
+        assert script_losses == pytest.approx(session_losses[0], abs=1e-6), why
     finally:
         stop_agents(agents)
 
