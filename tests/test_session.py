@@ -1,4 +1,10 @@
-"""Session behaviour on the shared real 2-rank gloo session."""
+"""Session behaviour on the shared real 2-rank gloo session.
+
+A chosen set (namespace, collectives, errors from one rank and from all, push/pull,
+interrupts) runs on two sessions, `any_session`: the spawned 2 ranks, and 4 ranks that two
+torchrun agents started on loopback and attached (`Session.listen`), so attach mode is held
+to the same behaviour. Those tests read the world size from the session.
+"""
 
 from __future__ import annotations
 
@@ -12,23 +18,51 @@ from fsdp_nb.session.session import State
 pytestmark = pytest.mark.timeout(60)
 
 
-def test_namespace_has_rank_world_device_torch_dist(session):
-    vals = session.eval("(rank, world_size, str(device), torch.__name__, dist.is_initialized(), dist.get_backend())")
-    assert vals == [(0, 2, "cpu", "torch", True, "gloo"), (1, 2, "cpu", "torch", True, "gloo")]
+@pytest.fixture(scope="module")
+def _attached4(tmp_path_factory):
+    """Two torchrun agents of 2 ranks each, attached: started the first time a test asks for it."""
+    from test_attach import Attached, stop_agents
+
+    a = Attached(tmp_path_factory.mktemp("attach4"))
+    try:
+        a.start()
+        yield a
+    finally:
+        a.s.close()
+        stop_agents(a.agents, a.pids)
 
 
-def test_namespace_persists_between_cells(session):
-    session.run("acc = rank * 100").raise_errors()
-    session.run("acc += 1").raise_errors()
-    assert session.eval("acc") == [1, 101]
+@pytest.fixture(params=["spawned-2", "attached-4"])
+def any_session(request):
+    if request.param == "spawned-2":
+        return request.getfixturevalue("session")
+    s = request.getfixturevalue("_attached4").s
+    assert s.state == State.READY, s.broken_reason
+    return s
+
+
+def test_namespace_has_rank_world_device_torch_dist(any_session):
+    vals = any_session.eval(
+        "(rank, world_size, str(device), torch.__name__, dist.is_initialized(), dist.get_backend())"
+    )
+    W = len(any_session.pids)
+    assert vals == [(r, W, "cpu", "torch", True, "gloo") for r in range(W)]
+
+
+def test_namespace_persists_between_cells(any_session):
+    any_session.run("acc = rank * 100").raise_errors()
+    any_session.run("acc += 1").raise_errors()
+    assert any_session.eval("acc") == [100 * r + 1 for r in range(len(any_session.pids))]
 
 
 def test_one_thread_per_rank(session):
     assert session.eval("(torch.get_num_threads(), __import__('os').environ['OMP_NUM_THREADS'])") == [(1, "1")] * 2
 
 
-def test_collectives_work(session):
-    assert session.eval("(lambda t: (dist.all_reduce(t), t.item())[1])(torch.tensor([rank + 1.0]))") == [3.0, 3.0]
+def test_collectives_work(any_session):
+    W = len(any_session.pids)
+    got = any_session.eval("(lambda t: (dist.all_reduce(t), t.item())[1])(torch.tensor([rank + 1.0]))")
+    assert got == [W * (W + 1) / 2] * W
 
 
 def test_ranks_subset(session, recorder):
@@ -66,14 +100,23 @@ def test_stderr_is_forwarded(session, recorder):
     assert recorder.text(1, "stderr") == "warn 1\n"
 
 
-def test_exception_has_remote_traceback_and_next_cell_works(session):
-    res = session.run("def f():\n    raise ValueError(f'bad {rank}')\nf()")
-    assert not res.ok and [r for r, _ in res.errors] and {r for r, _ in res.errors} == {0, 1}
+def test_exception_has_remote_traceback_and_next_cell_works(any_session):
+    W = len(any_session.pids)
+    res = any_session.run("def f():\n    raise ValueError(f'bad {rank}')\nf()")
+    assert not res.ok and {r for r, _ in res.errors} == set(range(W))
     err = res.errors[0][1]
     assert err.type == "ValueError" and 'File "<cell' in err.traceback and "in f" in err.traceback
-    assert "worker.py" not in err.traceback
-    assert session.state == State.READY
-    assert session.eval("rank") == [0, 1]
+    assert "worker.py" not in err.traceback and "attached.py" not in err.traceback
+    assert any_session.state == State.READY
+    assert any_session.eval("rank") == list(range(W))
+
+
+def test_an_error_on_one_rank_names_it_and_the_others_finish(any_session):
+    W = len(any_session.pids)
+    res = any_session.run(f"if rank == {W - 1}:\n    raise KeyError('last')\nrank")
+    assert [r for r, _ in res.errors] == [W - 1] and res.values[: W - 1] == list(range(W - 1))
+    assert str(RankError(res)) == f"rank {W - 1} failed: KeyError: 'last'"
+    assert any_session.state == State.READY
 
 
 def test_errors_grouped_first_failing_rank_first(session):
@@ -102,13 +145,14 @@ def test_syntax_error_is_reported(session):
     assert {e.type for _, e in res.errors} == {"SyntaxError"} and session.state == State.READY
 
 
-def test_push_pull_roundtrip(session):
+def test_push_pull_roundtrip(any_session):
     import torch
 
-    session.push(w=torch.arange(4.0), cfg={"a": 1})
-    assert session.eval("(w * (rank + 1)).tolist()") == [[0, 1, 2, 3], [0, 2, 4, 6]]
-    session.run("z = {'rank': rank}")
-    assert session.pull("z") == [{"rank": 0}, {"rank": 1}]
+    W = len(any_session.pids)
+    any_session.push(w=torch.arange(4.0), cfg={"a": 1})
+    assert any_session.eval("(w * (rank + 1)).tolist()") == [[0, r + 1, 2 * (r + 1), 3 * (r + 1)] for r in range(W)]
+    any_session.run("z = {'rank': rank}")
+    assert any_session.pull("z") == [{"rank": r} for r in range(W)]
 
 
 def test_pull_missing_name(session):
@@ -179,15 +223,15 @@ def test_busy_session_refuses_a_second_request(session):
     assert session.state == State.READY
 
 
-def test_interrupt_from_another_thread(session):
+def test_interrupt_from_another_thread(any_session):
     import threading
 
-    threading.Timer(0.5, session.interrupt).start()
+    threading.Timer(0.5, any_session.interrupt).start()
     t0 = time.perf_counter()
-    res = session.run("import time\ntime.sleep(600)")
+    res = any_session.run("import time\ntime.sleep(600)")
     assert time.perf_counter() - t0 < 2.5
-    assert {e.type for _, e in res.errors} == {"KeyboardInterrupt"}
-    assert session.eval("rank") == [0, 1]
+    assert {e.type for _, e in res.errors} == {"KeyboardInterrupt"} and len(res.errors) == len(any_session.pids)
+    assert any_session.eval("rank") == list(range(len(any_session.pids)))
 
 
 def test_interrupt_of_the_waiting_thread_is_relayed(session):
