@@ -253,6 +253,24 @@ def test_trainer_losses_match_a_local_session(attached):
         assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-6, (a, b)
 
 
+def test_layout_memory_and_trace_read_attached_ranks(attached):
+    """The kernel's readers of live ranks (session.layout, .memory, .trace) work on attached ranks too."""
+    from fsdp_nb.layout import fsdp2_layout, specs_of
+    from fsdp_nb.models import Layer
+
+    s = attached.s
+    build = "from fsdp_nb.sharding import shard\ntorch.manual_seed(0)\nattached_layer = shard(Layer(), FSDPConfig())"
+    s.run(TRAIN + "\nfrom fsdp_nb.models import Layer\n" + build).raise_errors()
+    read = s.layout("attached_layer")
+    model = fsdp2_layout(specs_of(Layer()), 4)
+    assert read.observed_ranks == (0, 1, 2, 3) and read.row_ranges == model.row_ranges
+    assert [m.params for m in s.memory("attached_layer")] == list(model.bytes_per_rank)
+    trace = s.trace("tr")
+    units = len(trace.units)
+    # TRAIN shards the GPT as one root unit, which keeps its gathered parameters for backward: one each
+    assert units == 1 and [trace.count("all_gather", rank=r) for r in range(4)] == [1] * 4
+
+
 def test_hung_collective_returns_within_timeout(attached):
     s = attached.s
     t0 = time.perf_counter()
