@@ -14,14 +14,12 @@ parallelism is drawn by `tp_figs` instead, on its (R, S, T) mesh.
 
 from __future__ import annotations
 
-import math
-
 import matplotlib
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from fsdp_nb.layout import Fsdp1Layout, Fsdp2Layout
-from fsdp_nb.viz.grid import EMPTY_HATCH, GAP_X, GAP_Y, MARGIN, PANEL_TITLE_PT, TITLE_PT, WIDTH_IN, inches
+from fsdp_nb.viz.grid import EMPTY_HATCH, GAP_X, GAP_Y, MARGIN, PANEL_TITLE_PT, WIDTH_IN, inches, page
 from fsdp_nb.viz.labels import LABEL_PT, FitText
 from fsdp_nb.viz.tp_figs import plot_tp_layout
 
@@ -81,18 +79,8 @@ def plot_mesh_layout(layout: Fsdp1Layout | Fsdp2Layout, *, title: str | None = N
     row_head = inches(f"replica {R - 1}", LABEL_PT) + 0.08
     panel_w = max(row_head + S * cell_w, max(inches(t, PANEL_TITLE_PT) for _, t, _ in panels))
     per_line = max(1, min(len(panels), int((WIDTH_IN - 2 * MARGIN + GAP_X) // (panel_w + GAP_X))))
-    title_h = 0.2 * len(heading.split("\n")) + 0.1
     panel_h = 0.24 + HEAD_H + R * CELL_H
-    lines = math.ceil(len(panels) / per_line)
-    width = min(WIDTH_IN, max(per_line * (panel_w + GAP_X) - GAP_X, inches(heading, TITLE_PT)) + 2 * MARGIN)
-    height = title_h + lines * (panel_h + GAP_Y) - GAP_Y + 2 * MARGIN
-    fig = Figure(figsize=(width, height))
-    ax = fig.add_axes((0, 0, 1, 1))
-    ax.set_xlim(0, width)
-    ax.set_ylim(0, height)  # data units are inches, y up
-    ax.set_axis_off()
-    ax.text(width / 2, height - MARGIN, heading, ha="center", va="top", fontsize=TITLE_PT, gid="title")
-    left0 = (width - (per_line * (panel_w + GAP_X) - GAP_X)) / 2
+    fig, ax, width, height, left0, title_h = page(heading, len(panels), per_line, panel_w, panel_h)
     for i, (name, panel_title, cells) in enumerate(panels):
         left = left0 + (i % per_line) * (panel_w + GAP_X)
         top = height - MARGIN - title_h - (i // per_line) * (panel_h + GAP_Y)

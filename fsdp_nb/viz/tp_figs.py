@@ -17,8 +17,6 @@ so a notebook shows it at its own size, every label 7 pt or more.
 
 from __future__ import annotations
 
-import math
-
 import matplotlib
 from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
@@ -26,7 +24,7 @@ from matplotlib.patches import Rectangle
 
 from fsdp_nb.layout import Fsdp2Layout
 from fsdp_nb.layout.tp_plan import TP_REPLICATE, TP_SHARD0, TP_SHARD1
-from fsdp_nb.viz.grid import EMPTY_HATCH, GAP_X, GAP_Y, MARGIN, PANEL_TITLE_PT, TITLE_PT, WIDTH_IN, inches
+from fsdp_nb.viz.grid import EMPTY_HATCH, GAP_X, GAP_Y, MARGIN, PANEL_TITLE_PT, WIDTH_IN, inches, page
 from fsdp_nb.viz.labels import LABEL_PT, FitText
 
 CELL_H = 0.5  # three 7 pt lines (rank, rows, columns) and the map beside them
@@ -141,19 +139,9 @@ def plot_tp_layout(layout: Fsdp2Layout, *, title: str | None = None) -> Figure:
     if packing(3)[2] > per_line:  # narrow grids: the role on a line of its own puts more panels on a line
         titles, panel_w, per_line = packing(3)
     heading = _heading(layout, title)
-    title_h = 0.2 * len(heading.split("\n")) + 0.1
     top_h = 0.16 * titles[0].count("\n") + 0.2  # the panel title's lines
     panel_h = top_h + 2 * HEAD_H + R * CELL_H
-    lines = math.ceil(len(names) / per_line)
-    width = min(WIDTH_IN, max(per_line * (panel_w + GAP_X) - GAP_X, inches(heading, TITLE_PT)) + 2 * MARGIN)
-    height = title_h + lines * (panel_h + GAP_Y) - GAP_Y + 2 * MARGIN
-    fig = Figure(figsize=(width, height))
-    ax = fig.add_axes((0, 0, 1, 1))
-    ax.set_xlim(0, width)
-    ax.set_ylim(0, height)  # data units are inches, y up
-    ax.set_axis_off()
-    ax.text(width / 2, height - MARGIN, heading, ha="center", va="top", fontsize=TITLE_PT, gid="title")
-    left0 = (width - (per_line * (panel_w + GAP_X) - GAP_X)) / 2
+    fig, ax, width, height, left0, title_h = page(heading, len(names), per_line, panel_w, panel_h)
     cuts: list = []
     for i, name in enumerate(names):
         left = left0 + (i % per_line) * (panel_w + GAP_X)
